@@ -1,0 +1,496 @@
+"""The line model: one YAML file describes a line, and every part of linectl reads it.
+
+Structure is validated by pydantic; references between parts (stations in the flow, PLCs of
+stations, addresses on a PLC) are checked afterwards by ``_check_references`` so that each
+problem is reported as one line naming the file, the line number, the path inside the file
+and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+
+from linectl.contract import MODBUS_MAX_READ, block_words
+from linectl.errors import ConfigError
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+
+
+def _check_host(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"'{host}' is not an IP address or host name")
+    return host
+
+
+class _Model(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Connection(_Model):
+    """Deadlines and reconnect settings common to both protocols."""
+
+    timeout_s: float = Field(1.0, gt=0, description="Deadline of one request.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="Deadline of one connect attempt.")
+    heartbeat_timeout_s: float = Field(
+        3.0, gt=0, description="A heartbeat frozen this long counts as a lost connection."
+    )
+    backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay.")
+    backoff_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay.")
+
+
+class ModbusPlc(Connection):
+    protocol: Literal["modbus"]
+    host: str = Field(description="IP address or host name of the PLC.")
+    port: int = Field(502, ge=0, le=65535)
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit id (slave id) of the PLC.")
+    poll_interval_s: float = Field(0.1, gt=0, description="Time between block reads.")
+    tls: dict[str, Any] | None = Field(None, description="Reserved for Modbus/TCP Security.")
+
+    _host = field_validator("host")(_check_host)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class OpcUaPlc(Connection):
+    protocol: Literal["opcua"]
+    url: str = Field(description="Endpoint URL, opc.tcp://host:port[/path].")
+    publishing_interval_s: float = Field(
+        0.05, ge=0, description="Subscription publishing interval."
+    )
+    mode: Literal["subscribe", "poll"] = Field(
+        "subscribe", description="'poll' only for servers that cannot subscribe."
+    )
+    poll_interval_s: float = Field(0.1, gt=0, description="Used when mode is 'poll'.")
+    security: dict[str, Any] | None = Field(None, description="Reserved for OPC UA security.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme != "opc.tcp" or not parts.hostname:
+            raise ValueError(f"'{url}' is not an opc.tcp://host:port URL")
+        _check_host(parts.hostname)
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"'{url}' has a malformed port") from exc
+        return url
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+
+def _plc_kind(value: Any) -> str | None:
+    protocol = (
+        value.get("protocol") if isinstance(value, dict) else getattr(value, "protocol", None)
+    )
+    return {"modbus": "<modbus>", "opcua": "<opcua>"}.get(protocol)
+
+
+Plc = Annotated[
+    Annotated[ModbusPlc, Tag("<modbus>")] | Annotated[OpcUaPlc, Tag("<opcua>")],
+    Discriminator(
+        _plc_kind,
+        custom_error_type="unknown_protocol",
+        custom_error_message="protocol must be 'modbus' or 'opcua'",
+    ),
+]
+
+
+class SimSpec(_Model):
+    """How the bundled simulators behave for one station; linectl itself never reads this."""
+
+    distribution: Literal["fixed", "normal", "lognormal", "exponential"] = "fixed"
+    spread: float = Field(0.0, ge=0, description="Standard deviation as a fraction of cycle_s.")
+    reject_p: float = Field(0.0, ge=0, le=1, description="Probability a unit is rejected.")
+    fault_p: float = Field(0.0, ge=0, le=1, description="Probability a cycle faults.")
+    fault_code: int = Field(1, ge=1, le=65535, description="Fault code shown while Aborted.")
+    seed: int | None = Field(None, description="Seed for repeatable runs.")
+
+
+class Station(_Model):
+    plc: str = Field(description="Name of the PLC that runs this station.")
+    address: int | str = Field(
+        description="Modbus: first holding register (0-based) of the station's block. "
+        "OPC UA: browse name of the station object."
+    )
+    cycle_s: float = Field(gt=0, description="Nominal (ideal) cycle time, seconds.")
+    capacity: int = Field(1, ge=1, le=64, description="Units in process at once.")
+    availability: float = Field(1.0, gt=0, le=1, description="Share of time the station is up.")
+    sim: SimSpec = Field(default_factory=SimSpec)
+
+
+Policy = Literal["round_robin", "least_loaded", "shortest_expected", "weighted"]
+
+
+class Route(_Model):
+    policy: Policy = "round_robin"
+    branches: list[list[Step]] = Field(min_length=1)
+    weights: list[float] | None = Field(None, description="One weight per branch ('weighted').")
+
+
+class RouteStep(_Model):
+    route: Route
+
+
+class ForkStep(_Model):
+    fork: list[list[Step]] = Field(min_length=1)
+
+
+def _step_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        if "route" in value:
+            return "<route>"
+        if "fork" in value:
+            return "<fork>"
+        return "<route>"  # reported as a missing 'route' key, the more common intent
+    if isinstance(value, RouteStep):
+        return "<route>"
+    if isinstance(value, ForkStep):
+        return "<fork>"
+    return "<station>"
+
+
+Step = Annotated[
+    Annotated[str, Tag("<station>")]
+    | Annotated[RouteStep, Tag("<route>")]
+    | Annotated[ForkStep, Tag("<fork>")],
+    Discriminator(_step_kind),
+]
+
+
+class Release(_Model):
+    max_wip: int | None = Field(
+        None, ge=1, description="CONWIP cap on units in the line (default: every slot of the line)."
+    )
+    interval_s: float | None = Field(None, gt=0, description="Release at most one unit this often.")
+    count: int | None = Field(None, ge=1, description="Units to release in all (default: no end).")
+
+
+class Retry(_Model):
+    attempts: int = Field(3, ge=1, description="Tries of one step before the unit is quarantined.")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before resetting a faulted station.")
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class Storage(_Model):
+    url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<line>.sqlite3")
+
+
+class Endpoint(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+    _host = field_validator("host")(_check_host)
+
+
+class Line(_Model):
+    line: str = Field(pattern=_NAME, description="Name of the line (metric label, database key).")
+    plcs: dict[str, Plc] = Field(min_length=1)
+    stations: dict[str, Station] = Field(min_length=1)
+    flow: list[Step] = Field(min_length=1)
+    release: Release = Field(default_factory=Release)
+    retry: Retry = Field(default_factory=Retry)
+    storage: Storage = Field(default_factory=Storage)
+    metrics: Endpoint = Field(default_factory=lambda: Endpoint(port=9464))
+    api: Endpoint = Field(default_factory=lambda: Endpoint(port=9465))
+    time_scale: float = Field(1.0, gt=0, description="Wall seconds per config second.")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage.url or f"sqlite:///{self.line}.sqlite3"
+
+    def plc_of(self, station: str) -> ModbusPlc | OpcUaPlc:
+        return self.plcs[self.stations[station].plc]
+
+
+Route.model_rebuild()
+ForkStep.model_rebuild()
+RouteStep.model_rebuild()
+Line.model_rebuild()
+
+
+def walk(flow: list[Any], path: str = "flow") -> Iterator[tuple[str, Any]]:
+    """Every step of a flow, depth first, with its path: ``flow[0].route.branches[1][2]``."""
+    for i, step in enumerate(flow):
+        here = f"{path}[{i}]"
+        yield here, step
+        if isinstance(step, RouteStep):
+            for b, branch in enumerate(step.route.branches):
+                yield from walk(branch, f"{here}.route.branches[{b}]")
+        elif isinstance(step, ForkStep):
+            for b, branch in enumerate(step.fork):
+                yield from walk(branch, f"{here}.fork[{b}]")
+
+
+def flow_stations(flow: list[Any]) -> list[str]:
+    return [step for _, step in walk(flow) if isinstance(step, str)]
+
+
+# --- Loading and error reporting ------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    name: str
+    lines: dict[str, int]  # path -> 1-based line number
+
+    def at(self, path: str) -> str:
+        # Fall back to the nearest enclosing path that has a known line.
+        probe = path
+        while probe:
+            if probe in self.lines:
+                return f"{self.name}:{self.lines[probe]}"
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return self.name
+
+
+def _positions(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = f"{path}.{key.value}" if path else str(key.value)
+            out[sub] = key.start_mark.line + 1
+            _positions(value, sub, out)
+            out[sub] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, f"{path}[{i}]", out)
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, str) and part.startswith("<") and part.endswith(">"):
+            continue  # the tag of a union member, not a key of the file
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and part.startswith("function-"):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_references(cfg: Line) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    names = sorted(cfg.stations)
+    for name, st in cfg.stations.items():
+        if st.plc not in cfg.plcs:
+            problems.append(
+                (
+                    f"stations.{name}.plc",
+                    f"unknown PLC '{st.plc}'{_did_you_mean(st.plc, sorted(cfg.plcs))}; "
+                    f"define it under plcs",
+                )
+            )
+    used: dict[str, str] = {}
+    for path, step in walk(cfg.flow):
+        if isinstance(step, str):
+            if step not in cfg.stations:
+                problems.append((path, f"unknown station '{step}'{_did_you_mean(step, names)}"))
+            elif step in used:
+                problems.append(
+                    (
+                        path,
+                        f"station '{step}' is already used at {used[step]}; "
+                        "a station may appear once in a flow",
+                    )
+                )
+            else:
+                used[step] = path
+        elif isinstance(step, RouteStep):
+            route = step.route
+            for b, branch in enumerate(route.branches):
+                if not branch:
+                    problems.append(
+                        (
+                            f"{path}.route.branches[{b}]",
+                            "empty branch; remove it or give it at least one step",
+                        )
+                    )
+            if route.policy == "weighted":
+                if route.weights is None or len(route.weights) != len(route.branches):
+                    problems.append(
+                        (
+                            f"{path}.route.weights",
+                            f"policy 'weighted' needs one weight per branch "
+                            f"({len(route.branches)})",
+                        )
+                    )
+                elif any(w < 0 for w in route.weights) or sum(route.weights) <= 0:
+                    problems.append(
+                        (f"{path}.route.weights", "weights must be >= 0 with a positive sum")
+                    )
+            elif route.weights is not None:
+                problems.append(
+                    (
+                        f"{path}.route.weights",
+                        f"weights are only read by policy 'weighted', not '{route.policy}'",
+                    )
+                )
+        elif isinstance(step, ForkStep):
+            for b, branch in enumerate(step.fork):
+                if not branch:
+                    problems.append(
+                        (
+                            f"{path}.fork[{b}]",
+                            "empty branch; remove it or give it at least one step",
+                        )
+                    )
+    problems.extend(_check_addresses(cfg))
+    return problems
+
+
+def _check_addresses(cfg: Line) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    taken: dict[tuple[str, Any], str] = {}
+    blocks: dict[str, list[tuple[int, int, str]]] = {}
+    for name, st in cfg.stations.items():
+        plc = cfg.plcs.get(st.plc)
+        if plc is None:
+            continue
+        path = f"stations.{name}.address"
+        key = (st.plc, st.address)
+        if key in taken:
+            problems.append(
+                (
+                    path,
+                    f"PLC '{st.plc}' address {st.address!r} is already used by "
+                    f"station '{taken[key]}'",
+                )
+            )
+            continue
+        taken[key] = name
+        if isinstance(plc, ModbusPlc):
+            if not isinstance(st.address, int) or st.address < 0:
+                problems.append(
+                    (
+                        path,
+                        f"a Modbus station's address is its first holding "
+                        f"register, an integer >= 0, not {st.address!r}",
+                    )
+                )
+                continue
+            size = block_words(st.capacity)
+            if size > MODBUS_MAX_READ:
+                problems.append(
+                    (
+                        f"stations.{name}.capacity",
+                        f"capacity {st.capacity} needs "
+                        f"{size} registers, more than one Modbus read "
+                        f"({MODBUS_MAX_READ}); use at most 7 slots",
+                    )
+                )
+            if st.address + size > 65536:
+                problems.append(
+                    (path, f"block {st.address}..{st.address + size - 1} runs past register 65535")
+                )
+            blocks.setdefault(st.plc, []).append((st.address, st.address + size, name))
+        elif not isinstance(st.address, str) or not re.match(_NAME, st.address):
+            problems.append(
+                (
+                    path,
+                    f"an OPC UA station's address is the browse name of its "
+                    f"object (letters, digits, _ . -), not {st.address!r}",
+                )
+            )
+    for plc, spans in blocks.items():
+        spans.sort()
+        for (a0, a1, an), (b0, _b1, bn) in itertools.pairwise(spans):
+            if b0 < a1:
+                problems.append(
+                    (
+                        f"stations.{bn}.address",
+                        f"block {b0}.. overlaps station '{an}' ({a0}..{a1 - 1}) on "
+                        f"PLC '{plc}'; each station needs its own registers",
+                    )
+                )
+    return problems
+
+
+def parse_config(text: str, source: str = "<config>") -> Line:
+    """Validate a line config from YAML text. Raises ConfigError listing every problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError([f"{where}: YAML syntax error: {exc.problem or exc}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: YAML error: {exc}"]) from exc
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping with keys line, plcs, stations, flow"])
+    lines: dict[str, int] = {}
+    _positions(node, "", lines)
+    where = _Source(source, lines)
+    try:
+        cfg = Line.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = _loc_to_path(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key; remove it or check its spelling"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{where.at(path)}: {path or '(top)'}: {msg}")
+        raise ConfigError(problems) from None
+    problems = [f"{where.at(path)}: {path}: {msg}" for path, msg in _check_references(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Line:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_config(text, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    return Line.model_json_schema()

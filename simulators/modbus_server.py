@@ -1,0 +1,197 @@
+"""A simulated PLC's stations exposed as Modbus TCP holding registers.
+
+The register map is the contract's (linectl/contract.py): each station is one block of
+``block_words(capacity)`` holding registers at its ``address`` (0-based protocol address).
+Reads come live from ``SimStation.words()``; the only write accepted is one slot's whole command
+area (``COMMAND_WORDS`` registers at ``command_address``), which runs ``SimStation.command``.
+
+Addressing policy: every register from the first station block to the end of the last one is
+readable, and gaps between blocks read as 0, so a controller can cover several stations with
+one read. A read reaching outside that span, and any other write (status registers, a partial
+command area, FC6 on a single register), gets ILLEGAL_DATA_ADDRESS.
+
+pymodbus 3.16 plugs a data source in through ``SimDevice(action=...)``: the action runs on every
+access, may refresh the register list in place before a read, and may refuse with an ExcCodes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import socket
+from collections import Counter
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusTcpServer
+from pymodbus.server.base import ModbusBaseServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from linectl.config import ModbusPlc
+from linectl.contract import COMMAND_WORDS, block_words, command_address, decode_command
+from linectl.errors import ConfigError
+from simulators.station import SimPlc, SimStation
+
+_KINDS = {3: "read", 4: "read_input", 6: "write_single", 16: "write", 23: "read_write"}
+
+
+def _loopback(host: str) -> str:
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    return ""
+
+
+class ModbusSimServer:
+    """One simulated PLC on one Modbus TCP port (loopback only)."""
+
+    def __init__(
+        self, plc_name: str, config: ModbusPlc, plc: SimPlc, *, port: int | None = None
+    ) -> None:
+        self.plc_name = plc_name
+        self.config = config
+        self.plc = plc
+        self.requests: Counter[str] = Counter()
+        self.connections_accepted = 0
+        self._host = _loopback(config.host)
+        if not self._host:
+            raise ConfigError(
+                [
+                    f"plc '{plc_name}' ({config.where}): the simulator only binds a loopback "
+                    f"address; host '{config.host}' is not one (use 127.0.0.1)"
+                ]
+            )
+        self._want_port = config.port if port is None else port
+        self._server: ModbusTcpServer | None = None
+        self._bound_port = 0
+        # Station blocks sorted by base register, for bisecting a request onto stations.
+        blocks = sorted(
+            (int(st.config.address), block_words(st.capacity), st) for st in plc.stations.values()
+        )
+        self._bases = [b for b, _, _ in blocks]
+        self._blocks = blocks
+        self._commands: dict[int, tuple[SimStation, int]] = {
+            command_address(base, slot): (st, slot)
+            for base, _, st in blocks
+            for slot in range(st.capacity)
+        }
+        self._lo = blocks[0][0] if blocks else 0
+        self._hi = max((b + n for b, n, _ in blocks), default=1)
+
+    @property
+    def port(self) -> int:
+        return self._bound_port
+
+    @property
+    def client_count(self) -> int:
+        """Client connections open right now."""
+        return len(self._server.active_connections) if self._server else 0
+
+    def endpoint_config(self) -> ModbusPlc:
+        return self.config.model_copy(update={"port": self._bound_port})
+
+    async def start(self) -> None:
+        """Listen on the loopback address; returns once connections are accepted."""
+        device = SimDevice(
+            id=self.config.unit_id,
+            simdata=[SimData(self._lo, count=self._hi - self._lo, datatype=DataType.REGISTERS)],
+            action=self._action,
+        )
+        server = ModbusTcpServer(
+            device,
+            address=(self._host, self._want_port),
+            trace_pdu=self._trace_pdu,
+            trace_connect=self._trace_connect,
+        )
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as exc:
+            await server.shutdown()
+            raise OSError(
+                f"plc '{self.plc_name}': cannot listen on {self._host}:{self._want_port}: "
+                f"{self._bind_error() or exc}"
+            ) from exc
+        self._server = server
+        self._bound_port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def _bind_error(self) -> str:
+        """pymodbus logs why listening failed and raises a bare RuntimeError: find out why."""
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self._host, self._want_port))
+            except OSError as exc:
+                return str(exc)
+        return ""
+
+    async def stop(self) -> None:
+        """Close the listening socket and every client connection."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        listener = server.transport
+        await server.shutdown()
+        if listener is not None:
+            await listener.wait_closed()  # type: ignore[attr-defined]
+        # pymodbus keeps the last server in a class attribute; do not keep ours alive.
+        if ModbusBaseServer.active_server is server:
+            ModbusBaseServer.active_server = None
+
+    def drop_connections(self) -> None:
+        """Close every client connection now; the server keeps listening (fault injection)."""
+        if self._server is None:
+            return
+        for conn in list(self._server.active_connections.values()):
+            conn.close()
+
+    # --- pymodbus hooks -----------------------------------------------------------------------
+
+    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:
+            fc = pdu.function_code
+            self.requests[_KINDS.get(fc, f"fc{fc}")] += 1
+        return pdu
+
+    def _trace_connect(self, connected: bool) -> None:
+        if connected:
+            self.connections_accepted += 1
+
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        values: Any,
+    ) -> ExcCodes | None:
+        if address < self._lo or address + count > self._hi:
+            return ExcCodes.ILLEGAL_ADDRESS
+        if values is not None:
+            return self._write(address, count, values)
+        self._refresh(registers, start_address, address, count)
+        return None
+
+    def _write(self, address: int, count: int, values: list[int]) -> ExcCodes | None:
+        target = self._commands.get(address)
+        if target is None or count != COMMAND_WORDS:
+            return ExcCodes.ILLEGAL_ADDRESS
+        station, slot = target
+        station.command(slot, *decode_command(values))
+        return None
+
+    def _refresh(self, registers: list[int], start: int, address: int, count: int) -> None:
+        """Copy the live words of every station overlapping the read into ``registers``."""
+        end = address + count
+        i = max(bisect.bisect_right(self._bases, address) - 1, 0)
+        for base, size, station in self._blocks[i:]:
+            if base >= end:
+                break
+            if base + size <= address:
+                continue
+            registers[base - start : base - start + size] = station.words()

@@ -69,6 +69,7 @@ class ModbusSimServer:
         self._want_port = config.port if port is None else port
         self._server: ModbusTcpServer | None = None
         self._bound_port = 0
+        self._stalled = False
         # Station blocks sorted by base register, for bisecting a request onto stations.
         blocks = sorted(
             (int(st.config.address), block_words(st.capacity), st) for st in plc.stations.values()
@@ -149,6 +150,24 @@ class ModbusSimServer:
         for conn in list(self._server.active_connections.values()):
             conn.close()
 
+    def stall(self, stalled: bool = True) -> None:
+        """Stop (or resume) answering requests while keeping connections open: a half-open
+        connection as the client sees it (fault injection)."""
+        self._stalled = stalled
+        self._apply_stall()
+
+    def _apply_stall(self) -> None:
+        if self._server is None:
+            return
+        for conn in self._server.active_connections.values():
+            transport = conn.transport
+            if transport is None:
+                continue
+            if self._stalled:
+                transport.pause_reading()  # type: ignore[attr-defined]
+            else:
+                transport.resume_reading()  # type: ignore[attr-defined]
+
     # --- pymodbus hooks -----------------------------------------------------------------------
 
     def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
@@ -160,6 +179,8 @@ class ModbusSimServer:
     def _trace_connect(self, connected: bool) -> None:
         if connected:
             self.connections_accepted += 1
+            if self._stalled:
+                self._apply_stall()
 
     async def _action(
         self,

@@ -43,7 +43,9 @@ def _check_host(host: str) -> str:
         return host
     except ValueError:
         pass
-    if not _HOSTNAME.match(host):
+    # A name ending in an all-digit label is a mistyped IPv4 address (127.0.0.256, 10.0.0),
+    # not a host name (RFC 3696 section 2); the resolver would read 10.0.0 as 10.0.0.0.
+    if not _HOSTNAME.match(host) or host.rsplit(".", 1)[-1].isdigit():
         raise ValueError(f"'{host}' is not an IP address or host name")
     return host
 

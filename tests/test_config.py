@@ -1,0 +1,291 @@
+"""Line configs: the bundled examples validate, and every mistake is reported where it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from linectl.analysis import analyze
+from linectl.cli import app
+from linectl.config import ModbusPlc, load_config
+from linectl.errors import ConfigError
+
+CONFIG = Path(__file__).resolve().parent.parent / "config"
+BUNDLED = sorted(CONFIG.glob("*.yaml"))
+
+# Line numbers matter: the tests below expect problems at these lines.
+BASE = """\
+line: t
+plcs:
+  cell_a:
+    protocol: modbus
+    host: 127.0.0.1
+    port: 15020
+  cell_b:
+    protocol: opcua
+    url: opc.tcp://127.0.0.1:14840
+stations:
+  a1_solder: {plc: cell_a, address: 0, cycle_s: 10}
+  a2_solder: {plc: cell_a, address: 100, cycle_s: 10}
+  test: {plc: cell_b, address: Test, cycle_s: 5}
+  pack: {plc: cell_b, address: Pack, cycle_s: 5}
+flow:
+  - route:
+      branches:
+        - [a1_solder]
+        - [a2_solder]
+  - test
+  - pack
+"""
+
+
+def problems(tmp_path: Path, *edits: tuple[str, str]) -> tuple[str, list[str]]:
+    """Apply each (old, new) edit to BASE once, load it from a file; the file and problems."""
+    text = BASE
+    for old, new in edits:
+        assert old in text, f"test edit does not apply: {old!r}"
+        text = text.replace(old, new, 1)
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(path), info.value.problems
+
+
+# --- the bundled configs -----------------------------------------------------------------------
+
+
+def test_config_directory_has_examples():
+    assert len(BUNDLED) >= 5
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
+def test_bundled_config_validates_and_can_be_analysed(path: Path):
+    line = load_config(path)
+    assert analyze(line).interval_s > 0
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
+def test_bundled_config_says_what_it_shows_and_has_its_own_endpoints(path: Path):
+    assert path.read_text().startswith("#"), "a bundled config opens with a comment"
+    line = load_config(path)
+    endpoints = [plc.where for plc in line.plcs.values()]
+    assert len(set(endpoints)) == len(endpoints), "two PLCs share an endpoint"
+    for plc in line.plcs.values():
+        if isinstance(plc, ModbusPlc):
+            assert plc.port >= 15000, "Modbus ports below 15000 may need privileges or clash"
+
+
+def test_the_test_base_config_is_valid(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE)
+    assert load_config(path).line == "t"
+
+
+# --- every mistake names the file, the line and the path inside the file -----------------------
+
+
+def test_unknown_station_suggests_the_close_name(tmp_path: Path):
+    path, found = problems(tmp_path, ("- [a2_solder]", "- [a2_soldr]"))
+    assert found == [
+        f"{path}:19: flow[0].route.branches[1][0]: unknown station 'a2_soldr' "
+        "(did you mean 'a2_solder'?)"
+    ]
+
+
+def test_station_used_twice_in_a_flow(tmp_path: Path):
+    path, found = problems(tmp_path, ("  - pack\n", "  - pack\n  - test\n"))
+    assert found == [
+        f"{path}:22: flow[3]: station 'test' is already used at flow[1]; "
+        "a station may appear once in a flow"
+    ]
+
+
+def test_empty_route_branch(tmp_path: Path):
+    path, found = problems(tmp_path, ("- [a2_solder]", "- []"))
+    assert found == [
+        f"{path}:19: flow[0].route.branches[1]: empty branch; "
+        "remove it or give it at least one step"
+    ]
+
+
+def test_empty_fork_branch(tmp_path: Path):
+    path, found = problems(tmp_path, ("  - test\n", "  - fork: [[test], []]\n"))
+    assert found == [
+        f"{path}:20: flow[1].fork[1]: empty branch; remove it or give it at least one step"
+    ]
+
+
+def test_capacity_below_one(tmp_path: Path):
+    path, found = problems(tmp_path, ("cycle_s: 5}\n  pack", "cycle_s: 5, capacity: 0}\n  pack"))
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}:13: stations.test.capacity: ")
+    assert "greater than or equal to 1" in found[0]
+
+
+def test_unknown_plc_suggests_the_close_name(tmp_path: Path):
+    path, found = problems(tmp_path, ("{plc: cell_b, address: Pack", "{plc: cell_c, address: Pack"))
+    assert found == [
+        f"{path}:14: stations.pack.plc: unknown PLC 'cell_c' (did you mean 'cell_b'?); "
+        "define it under plcs"
+    ]
+
+
+def test_two_opcua_stations_on_one_browse_name(tmp_path: Path):
+    path, found = problems(tmp_path, ("address: Pack", "address: Test"))
+    assert found == [
+        f"{path}:14: stations.pack.address: PLC 'cell_b' address 'Test' is already used by "
+        "station 'test'"
+    ]
+
+
+def test_two_modbus_stations_on_one_register(tmp_path: Path):
+    path, found = problems(tmp_path, ("address: 100", "address: 0"))
+    assert found == [
+        f"{path}:12: stations.a2_solder.address: PLC 'cell_a' address 0 is already used by "
+        "station 'a1_solder'"
+    ]
+
+
+def test_overlapping_modbus_blocks(tmp_path: Path):
+    # a capacity-1 block is 8 + 16 = 24 registers: 0..23; 20 starts inside it
+    path, found = problems(tmp_path, ("address: 100", "address: 20"))
+    assert found == [
+        f"{path}:12: stations.a2_solder.address: block 20.. overlaps station 'a1_solder' "
+        "(0..23) on PLC 'cell_a'; each station needs its own registers"
+    ]
+
+
+def test_adjacent_modbus_blocks_do_not_overlap(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE.replace("address: 100", "address: 24"))
+    assert load_config(path).stations["a2_solder"].address == 24
+
+
+def test_a_bigger_capacity_grows_the_block_into_the_next_station(tmp_path: Path):
+    # capacity 6: 8 + 6 × 16 = 104 registers, 0..103, over a2_solder's block at 100
+    path, found = problems(
+        tmp_path, ("address: 0, cycle_s: 10}", "address: 0, cycle_s: 10, capacity: 6}")
+    )
+    assert found == [
+        f"{path}:12: stations.a2_solder.address: block 100.. overlaps station 'a1_solder' "
+        "(0..103) on PLC 'cell_a'; each station needs its own registers"
+    ]
+
+
+@pytest.mark.parametrize("host", ["127.0.0..1", "-plc", "plc_a.local", "127.0.0.256", "10.0.0"])
+def test_malformed_host(tmp_path: Path, host: str):
+    path, found = problems(tmp_path, ("host: 127.0.0.1", f"host: {host}"))
+    assert found == [f"{path}:5: plcs.cell_a.host: '{host}' is not an IP address or host name"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "plc-a.factory.local", "10.1.2.3", "::1"])
+def test_well_formed_host(tmp_path: Path, host: str):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE.replace("host: 127.0.0.1", f"host: '{host}'"))
+    assert load_config(path).plcs["cell_a"].host == host
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:14840", "is not an opc.tcp://host:port URL"),
+        ("opc.tcp://:14840", "is not an opc.tcp://host:port URL"),
+        ("opc.tcp://127.0.0.1:99999", "has a malformed port"),
+        ("opc.tcp://127.0.0.1:port", "has a malformed port"),
+    ],
+)
+def test_malformed_opcua_url(tmp_path: Path, url: str, why: str):
+    path, found = problems(tmp_path, ("url: opc.tcp://127.0.0.1:14840", f"url: {url}"))
+    assert found == [f"{path}:9: plcs.cell_b.url: '{url}' {why}"]
+
+
+def test_yaml_syntax_error_names_its_line(tmp_path: Path):
+    # a key indented by three spaces under a mapping indented by four, on line 7
+    path, found = problems(tmp_path, ("    port: 15020\n", "    port: 15020\n   bad: 1\n"))
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}:7:4: YAML syntax error: ")
+
+
+def test_empty_file_asks_for_a_mapping(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"line\.yaml: expected a mapping"):
+        load_config(path)
+
+
+def test_unknown_key(tmp_path: Path):
+    path, found = problems(
+        tmp_path, ("    port: 15020\n", "    port: 15020\n    pol_interval_s: 1\n")
+    )
+    assert found == [
+        f"{path}:7: plcs.cell_a.pol_interval_s: unknown key; remove it or check its spelling"
+    ]
+
+
+def test_unknown_key_in_a_flow_mapping(tmp_path: Path):
+    path, found = problems(
+        tmp_path, ("      branches:", "      policy: round_robin\n      branch:")
+    )
+    assert f"{path}:18: flow[0].route.branch: unknown key; remove it or check its spelling" in found
+    assert f"{path}:16: flow[0].route.branches: required key is missing" in found
+
+
+def test_missing_required_key(tmp_path: Path):
+    path, found = problems(tmp_path, ("address: Test, cycle_s: 5", "address: Test"))
+    assert found == [f"{path}:13: stations.test.cycle_s: required key is missing"]
+
+
+def test_unknown_protocol(tmp_path: Path):
+    path, found = problems(tmp_path, ("protocol: opcua", "protocol: opc"))
+    assert found == [f"{path}:7: plcs.cell_b: protocol must be 'modbus' or 'opcua'"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path):
+    path, found = problems(
+        tmp_path,
+        ("{plc: cell_b, address: Pack", "{plc: cell_c, address: Pack"),
+        ("- [a2_solder]", "- [a2_soldr]"),
+    )
+    assert len(found) == 2
+    assert all(p.startswith(f"{path}:") for p in found)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# --- linectl check and linectl schema ----------------------------------------------------------
+
+
+def test_check_accepts_a_good_config():
+    result = CliRunner().invoke(app, ["check", str(CONFIG / "demo.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ok: line 'demo', 2 PLCs, 7 stations" in result.stdout
+
+
+def test_check_rejects_a_bad_config_with_exit_2(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE.replace("- [a2_solder]", "- [a2_soldr]"))
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:19: flow[0].route.branches[1][0]: unknown station 'a2_soldr'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_of_a_missing_file_exits_2(tmp_path: Path):
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "nope.yaml: cannot read" in result.stderr
+
+
+def test_schema_prints_the_json_schema():
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    assert {"line", "plcs", "stations", "flow"} <= set(schema["required"])
+    assert "release" in schema["properties"]

@@ -218,6 +218,12 @@ def analyze(line: Line, units: int = 100) -> Analysis:
     ``units`` units released at time 0 into an empty line: the first unit takes the lead time,
     each further one adds an interval, ``lead_time + (units - 1) × interval``.
 
+    ``bottleneck`` names what sets the interval: a station; ``route@<path>`` for a route with
+    a balancing policy whose combined rate is the limit (``route@flow[0]``,
+    ``route@flow[2].fork[1][0]``: the path of ``config.walk``), since no single branch is to
+    blame; for a ``weighted`` route, the limit of its saturated branch; ``max_wip``; or
+    ``release``. Among equal rates the earliest step in the flow is named.
+
     ``serial_fraction`` is the share of one unit's work (cycle times on its path, fork
     branches added up, a route's branches averaged by traffic) done outside forks, and
     ``max_speedup`` = 1 / serial_fraction is Amdahl's bound on what more parallel work inside

@@ -44,3 +44,7 @@ class ProtocolViolation(PlcError):
 
 class CommandRefused(PlcError):
     """The PLC evaluated a command and refused it (wrong state, unknown code, bad unit)."""
+
+
+class StoreError(LinectlError):
+    """The trace store cannot open its database, or failed to record or read the trace."""

@@ -1,0 +1,458 @@
+"""TraceStore: the asyncio face of the trace database.
+
+Writes go through one bounded queue to one writer task, which commits them in order, many per
+transaction, in a worker thread that owns the write connection. ``step_commanded`` returns only
+once its row is committed, because the caller commands the PLC right after: that is the
+write-ahead intent a restart reconciles against. Other writes return once queued; ``flush``
+waits for all of them. If a transaction fails, the store stops taking writes and every caller
+after that, and ``close``, gets the StoreError: no write is dropped without someone hearing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from linectl.errors import StoreError
+from linectl.store import reads
+from linectl.store.db import make_engine, mask, parse_url, scrub
+from linectl.store.records import (
+    DONE_RESULTS,
+    EVENT_KINDS,
+    STEP_RESULTS,
+    UNIT_STATUSES,
+    ExportRow,
+    StationEventRecord,
+    StoreStatistics,
+    UnitRecord,
+    UnitTrace,
+)
+from linectl.store.schema import prepare
+from linectl.store.writes import Write, apply_batch
+
+log = logging.getLogger("linectl.store")
+
+T = TypeVar("T")
+
+_U32_MAX = 2**32 - 1
+# Writes per transaction at most: bounds the latency an intent queued behind a burst sees.
+_MAX_BATCH = 2_000
+_STOP = object()
+
+
+def _utc(at: datetime, what: str) -> datetime:
+    if not isinstance(at, datetime):
+        raise TypeError(f"{what} must be a datetime, not {type(at).__name__}")
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"{what} {at.isoformat()} is naive; give a timezone-aware UTC time")
+    return at.astimezone(UTC)
+
+
+def _int(value: int, what: str, low: int, high: int = _U32_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in {low}..{high}, not {value!r}")
+    return value
+
+
+def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+class TraceStore:
+    """Traceability of one line: units, their steps at stations, station events, quarantine."""
+
+    def __init__(self, engine: Engine, where: str, line: str, queue_size: int) -> None:
+        # Use TraceStore.open(): it prepares the schema and starts the writer.
+        self._engine = engine
+        self._where = where
+        self.line = line
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"store-write-{line}")
+        self._reader_threads = ThreadPoolExecutor(2, thread_name_prefix=f"store-read-{line}")
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._closed = False
+        self._failure: StoreError | None = None
+        self._writes_queued = 0
+        self._writes_committed = 0
+        self._batches = 0
+        self._last_batch_size = 0
+        self._last_latency: float | None = None
+
+    # --- Life cycle ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, url: str, line: str, *, queue_size: int = 10_000, create: bool = True
+    ) -> TraceStore:
+        """Open (creating or migrating its schema) the trace database at ``url``.
+
+        ``create=False`` is for readers such as the CLI: a missing or outdated database is an
+        error instead of being created or upgraded.
+        """
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, not {queue_size}")
+        where = mask(url)
+        engine = make_engine(url, create=create)
+        store = cls(engine, where, line, queue_size)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(store._writer_thread, store._prepare, url, create)
+        except BaseException:
+            # Also on cancellation: the threads exit once the prepare under way ends.
+            store._release(wait=False)
+            raise
+        store._task = asyncio.create_task(store._write_loop(), name=f"trace store writer {line}")
+        return store
+
+    def _prepare(self, url: str, create: bool) -> None:
+        try:
+            prepare(self._engine, self._where, create=create)
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            detail = scrub(
+                str(orig).strip().splitlines()[0] if str(orig).strip() else "", parse_url(url)
+            )
+            raise StoreError(f"trace store {self._where}: cannot open: {detail}") from exc
+
+    async def close(self) -> None:
+        """Stop taking writes, commit everything queued, stop the writer; raise its failure."""
+        if self._closed:
+            return
+        self._accepting = False
+        try:
+            if self._task is not None and not self._task.done():
+                await self._queue.put(_STOP)
+            if self._task is not None:
+                # Cancelling close (a shutdown deadline) cancels the writer too.
+                await self._task
+        finally:
+            self._closed = True
+            self._release(wait=self._task is None or self._task.done())
+        if self._failure is not None:
+            raise self._error()
+
+    def _release(self, *, wait: bool) -> None:
+        self._writer_thread.shutdown(wait=wait, cancel_futures=True)
+        self._reader_threads.shutdown(wait=wait, cancel_futures=True)
+        self._engine.dispose()
+
+    async def __aenter__(self) -> TraceStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _error(self) -> StoreError:
+        """A fresh error for each caller, chained to the writer's failure."""
+        assert self._failure is not None
+        error = StoreError(str(self._failure))
+        error.__cause__ = self._failure
+        return error
+
+    def _check_writable(self) -> None:
+        if self._failure is not None:
+            raise self._error()
+        if not self._accepting:
+            raise StoreError(f"trace store {self._where} (line '{self.line}') is closed")
+
+    # --- The writer ---------------------------------------------------------------------------
+
+    async def _submit(self, kind: str, params: dict[str, Any], *, durable: bool = False) -> None:
+        self._check_writable()
+        future = asyncio.get_running_loop().create_future() if durable else None
+        await self._queue.put((kind, params, future))
+        if self._failure is not None:
+            # The writer died while we waited for room; nobody will take this write.
+            raise self._error()
+        if kind != "flush":
+            self._writes_queued += 1
+        if future is not None:
+            await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = []
+        stopping = False
+        try:
+            while not (stopping and self._queue.empty()):
+                items = [await self._queue.get()]
+                while len(items) < _MAX_BATCH and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                stopping = stopping or any(item is _STOP for item in items)
+                batch = [item for item in items if item is not _STOP]
+                if not batch:
+                    continue
+                writes: list[Write] = [(kind, params) for kind, params, _ in batch]
+                started = time.perf_counter()
+                done, error = await loop.run_in_executor(
+                    self._writer_thread, apply_batch, self._engine, self._where, writes
+                )
+                self._last_latency = time.perf_counter() - started
+                self._batches += 1
+                self._last_batch_size = len(batch)
+                self._writes_committed += sum(1 for kind, _, _ in batch[:done] if kind != "flush")
+                for _, _, future in batch[:done]:
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                if error is not None:
+                    self._fail(error, batch[done:])
+                    return
+                batch = []
+        except asyncio.CancelledError:
+            self._fail(
+                StoreError(f"trace store {self._where}: writer cancelled before committing"),
+                batch,
+            )
+            raise
+        except Exception as exc:
+            error = StoreError(f"trace store {self._where}: writer failed: {exc!r}")
+            error.__cause__ = exc
+            self._fail(error, batch)
+
+    def _fail(self, error: StoreError, lost: list[Any]) -> None:
+        self._failure = error
+        self._accepting = False
+        log.error("%s; %d queued write(s) not recorded", error, len(lost) + self._queue.qsize())
+        # Drain the queue so blocked writers wake up and see the failure.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not _STOP:
+                lost.append(item)
+        for _, _, future in lost:
+            if future is not None and not future.done():
+                future.set_exception(self._error())
+
+    # --- Writes -------------------------------------------------------------------------------
+
+    async def unit_released(self, unit_id: int, serial: str, at: datetime) -> None:
+        """A unit entered the line."""
+        await self._submit(
+            "unit_released",
+            {
+                "line": self.line,
+                "unit_id": _int(unit_id, "unit_id", 1),
+                "serial": serial,
+                "status": "in_line",
+                "released_at": _utc(at, "at"),
+            },
+        )
+
+    async def step_commanded(
+        self,
+        unit_id: int,
+        station: str,
+        slot: int,
+        attempt: int,
+        seq: int,
+        at: datetime,
+        branch: str | None = None,
+    ) -> None:
+        """Write-ahead intent: returns once the step is committed, so the PLC may be commanded.
+
+        ``branch`` is the route choice that sent the unit here (``"flow[0]=1"``); it is
+        appended to the unit's branches, separated by ``;``.
+        """
+        await self._submit(
+            "step_commanded",
+            {
+                "line": self.line,
+                "unit_id": _int(unit_id, "unit_id", 1),
+                "station": station,
+                "slot": _int(slot, "slot", 0),
+                "attempt": _int(attempt, "attempt", 1),
+                "seq": _int(seq, "seq", 0),
+                "commanded_at": _utc(at, "at"),
+                "status": "commanded",
+                "fault_code": 0,
+                "b_branch": branch or None,
+            },
+            durable=True,
+        )
+
+    async def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> None:
+        """The PLC echoed the step's sequence number: the station started it."""
+        await self._submit(
+            "step_accepted",
+            {**self._step_key(unit_id, station, attempt), "accepted_at": _utc(at, "at")},
+        )
+
+    async def step_finished(
+        self,
+        unit_id: int,
+        station: str,
+        attempt: int,
+        at: datetime,
+        result: str,
+        fault_code: int = 0,
+        plc_cycle_s: float | None = None,
+    ) -> None:
+        """The step ended: pass or reject (done), or fault, refused, abandoned (failed)."""
+        _one_of(result, STEP_RESULTS, "result")
+        await self._submit(
+            "step_finished",
+            {
+                **self._step_key(unit_id, station, attempt),
+                "finished_at": _utc(at, "at"),
+                "status": "done" if result in DONE_RESULTS else "failed",
+                "result": result,
+                "fault_code": _int(fault_code, "fault_code", 0),
+                "plc_cycle_s": None if plc_cycle_s is None else float(plc_cycle_s),
+            },
+        )
+
+    async def unit_finished(self, unit_id: int, at: datetime) -> None:
+        await self._submit(
+            "unit_finished", {**self._unit_key(unit_id), "finished_at": _utc(at, "at")}
+        )
+
+    async def unit_quarantined(self, unit_id: int, reason: str, at: datetime) -> None:
+        await self._submit(
+            "unit_quarantined",
+            {**self._unit_key(unit_id), "reason": reason, "quarantined_at": _utc(at, "at")},
+        )
+
+    async def quarantine_released(self, unit_id: int, at: datetime) -> None:
+        """A quarantined unit goes back into the line."""
+        await self._submit(
+            "quarantine_released", {**self._unit_key(unit_id), "q_released_at": _utc(at, "at")}
+        )
+
+    async def station_event(
+        self, station: str, kind: str, at: datetime, state: int | None = None, detail: str = ""
+    ) -> None:
+        await self._submit(
+            "station_event",
+            {
+                "line": self.line,
+                "station": station,
+                "at": _utc(at, "at"),
+                "kind": _one_of(kind, EVENT_KINDS, "kind"),
+                "state": state,
+                "detail": detail,
+            },
+        )
+
+    async def flush(self) -> None:
+        """Return once every write queued so far is committed."""
+        if self._failure is not None:
+            raise self._error()
+        if self._writes_committed == self._writes_queued or self._closed:
+            return
+        await self._submit("flush", {}, durable=True)
+
+    def _unit_key(self, unit_id: int) -> dict[str, Any]:
+        return {"k_line": self.line, "k_unit": _int(unit_id, "unit_id", 1)}
+
+    def _step_key(self, unit_id: int, station: str, attempt: int) -> dict[str, Any]:
+        return {
+            **self._unit_key(unit_id),
+            "k_station": station,
+            "k_attempt": _int(attempt, "attempt", 1),
+        }
+
+    # --- Reads --------------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        # Flushing first means a read sees every write queued before it.
+        if self._closed:
+            raise StoreError(f"trace store {self._where} (line '{self.line}') is closed")
+        await self.flush()
+
+        def run() -> T:
+            try:
+                with self._engine.connect() as conn:
+                    return query(conn, *args, **kwargs)
+            except SQLAlchemyError as exc:
+                orig = getattr(exc, "orig", None) or exc
+                raise StoreError(f"trace store {self._where}: query failed: {orig}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_threads, run)
+
+    async def next_unit_id(self) -> int:
+        """The unit id after the highest this line ever used; 1 on an empty database."""
+        return await self._read(reads.next_unit_id, self.line)
+
+    async def open_units(self) -> list[UnitRecord]:
+        """Units still in the line or in quarantine, each with its steps in order."""
+        return await self._read(reads.units, self.line, status=("in_line", "quarantined"))
+
+    async def units(
+        self,
+        status: str | Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        station: str | None = None,
+        limit: int | None = None,
+    ) -> list[UnitRecord]:
+        """Units released in [since, until), with a status, through a station; oldest first."""
+        if isinstance(status, str):
+            status = (status,)
+        for s in status or ():
+            _one_of(s, UNIT_STATUSES, "status")
+        return await self._read(
+            reads.units,
+            self.line,
+            status=status,
+            since=None if since is None else _utc(since, "since"),
+            until=None if until is None else _utc(until, "until"),
+            station=station,
+            limit=limit,
+        )
+
+    async def trace(self, serial: str) -> UnitTrace:
+        """A unit's whole history by serial; StoreError if no unit has that serial."""
+        found = await self._read(reads.trace, serial)
+        if found is None:
+            raise StoreError(f"trace store {self._where}: no unit with serial '{serial}'")
+        return found
+
+    async def station_events(
+        self,
+        station: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[StationEventRecord]:
+        return await self._read(
+            reads.station_events,
+            self.line,
+            station=station,
+            since=None if since is None else _utc(since, "since"),
+            until=None if until is None else _utc(until, "until"),
+            limit=limit,
+        )
+
+    async def export(self, page_size: int = 5_000) -> AsyncIterator[list[ExportRow]]:
+        """Every step of the line joined with its unit, a page at a time."""
+        after = None
+        while True:
+            rows, after = await self._read(reads.export_page, self.line, after, page_size)
+            if rows:
+                yield rows
+            if after is None:
+                return
+
+    # --- Statistics ---------------------------------------------------------------------------
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            writes_queued=self._writes_queued,
+            writes_committed=self._writes_committed,
+            batches=self._batches,
+            queue_depth=self._queue.qsize(),
+            queue_size=self._queue.maxsize,
+            last_batch_size=self._last_batch_size,
+            last_commit_latency_s=self._last_latency,
+            failed=self._failure is not None,
+        )

@@ -1,0 +1,556 @@
+"""The OPC UA driver: one asyncua session per PLC, a subscription for changes, a heartbeat watchdog.
+
+asyncua 2.1's ``Client`` starts two helpers with every ``connect()``: a connection supervisor
+(which, with ``auto_reconnect=False``, only detects a loss and marks the client disconnected)
+and a stale-subscription watchdog (which re-creates subscriptions on its own). This driver is
+the one owner of reconnecting: it keeps auto-reconnect off, stops the stale watchdog, and
+rebuilds the whole session whenever the transport closes, a request misses its deadline at
+connect, the subscription reports a bad status, or the PLC heartbeat stops changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from asyncua import Client, ua
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.subscription import (
+    DataChangeEvent,
+    OverflowPolicy,
+    StatusChangeEvent,
+    Subscription,
+)
+
+from linectl.config import OpcUaPlc, Station
+from linectl.contract import (
+    OPCUA_COMMAND,
+    OPCUA_HEARTBEAT,
+    OPCUA_NAMESPACE,
+    OPCUA_ROOT,
+    OPCUA_STATUS,
+    CmdStatus,
+    Command,
+    ContractViolation,
+    SlotStatus,
+    slot_name,
+    status_from_array,
+)
+from linectl.drivers.base import (
+    Backoff,
+    ConnectionChange,
+    DriverStatistics,
+    EventSink,
+    PlcDriver,
+    SlotUpdate,
+    StationViolation,
+)
+from linectl.errors import (
+    CommandRefused,
+    PlcConnectionLost,
+    PlcError,
+    PlcTimeout,
+    ProtocolViolation,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SlotKey = tuple[str, int]
+
+# Status codes that mean the session or channel is gone rather than the request being wrong.
+_SESSION_GONE = {
+    ua.StatusCodes.BadSessionClosed,
+    ua.StatusCodes.BadSessionIdInvalid,
+    ua.StatusCodes.BadSessionNotActivated,
+    ua.StatusCodes.BadSecureChannelClosed,
+    ua.StatusCodes.BadSecureChannelIdInvalid,
+    ua.StatusCodes.BadConnectionClosed,
+    ua.StatusCodes.BadServerHalted,
+    ua.StatusCodes.BadShutdown,
+    ua.StatusCodes.BadTimeout,
+    ua.StatusCodes.BadTooManySessions,
+}
+_MONITORED_QUEUE = 8  # per Status item: keeps Execute -> Complete apart within one publish
+_RECENT_UNITS = 64  # units commanded per slot that may still show up
+
+
+@dataclass
+class _Nodes:
+    """What one browse of the PLC's address space found."""
+
+    ns: int
+    heartbeat: ua.NodeId
+    status: dict[SlotKey, ua.NodeId]
+    command: dict[SlotKey, tuple[ua.NodeId, ua.NodeId]]  # (slot object, method)
+    by_node: dict[ua.NodeId, SlotKey] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_node = {node: key for key, node in self.status.items()}
+
+
+class OpcUaDriver(PlcDriver):
+    """One PLC over OPC UA: subscription (or polling) in, method calls out."""
+
+    protocol = "opcua"
+    config: OpcUaPlc
+
+    def __init__(
+        self, name: str, config: OpcUaPlc, stations: Mapping[str, Station], sink: EventSink
+    ) -> None:
+        super().__init__(name, config, stations, sink)
+        self._client: Client | None = None
+        self._nodes: _Nodes | None = None
+        self._last: dict[SlotKey, SlotStatus] = {}
+        self._units: dict[SlotKey, dict[int, None]] = {}  # ordered set of allowed unit ids
+        self._heartbeat: int | None = None
+        self._beat = asyncio.Event()
+        self._requests = 0
+        self._errors = 0
+        self._reconnects = 0
+        self._notifications = 0
+        self._request_seconds = 0.0
+        self._connects = 0
+        self._connected_at: float | None = None
+        self._down_since: float | None = None
+        self._last_error = ""
+
+    # --- the connection's life ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                await self._session(backoff)
+            except* PlcError as group:
+                self._lost(group.exceptions[0], loop.time())
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _session(self, backoff: Backoff) -> None:
+        """One session from connect to loss; raises the PlcError that ended it."""
+        client = self._make_client()
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    await client.connect()
+            except (TimeoutError, OSError, ua.UaError) as exc:
+                self._errors += 1
+                raise self._translate(exc, "connect") from exc
+            # asyncua's stale-subscription watchdog would re-create our subscription behind our
+            # back (a second owner of recovery); the heartbeat watchdog below replaces it.
+            await Client._cancel_task(client._stale_watchdog_task)
+            client._stale_watchdog_task = None
+            nodes = await self._resolve(client)
+            self._client, self._nodes = client, nodes
+            await self._resync(client, nodes)
+            subscription = None
+            if self.config.mode == "subscribe":
+                subscription = await self._subscribe(client, nodes)
+            self._connected_at = loop.time()
+            self._connects += 1
+            if self._connects > 1:
+                self._reconnects += 1
+            if self._down_since is not None:
+                log.info(
+                    "%s recovered after %.1f s", self.where, self._connected_at - self._down_since
+                )
+            self._down_since = None
+            backoff.reset()
+            self._connected.set()
+            self._sink(ConnectionChange(self.name, True, "connected", self._connected_at))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_transport(client))
+                tg.create_task(self._watch_heartbeat())
+                if subscription is not None:
+                    tg.create_task(self._consume(subscription, nodes))
+                else:
+                    tg.create_task(self._poll(client, nodes))
+        finally:
+            self._connected.clear()
+            self._client = None
+            self._connected_at = None
+            await self._close(client)
+
+    def _make_client(self) -> Client:
+        """The one place a Client is built (security settings will go here)."""
+        client = Client(
+            self.config.url,
+            timeout=self.config.timeout_s,
+            # The supervisor's server-state probe only detects; with auto_reconnect off it
+            # marks the client disconnected and our transport watch rebuilds.
+            watchdog_intervall=self.config.heartbeat_timeout_s,
+            auto_reconnect=False,
+        )
+        client.name = client.description = f"linectl {self.name}"
+        # A session we abandon (lost connection) should not linger on the PLC for an hour.
+        client.session_timeout = max(30_000, 10_000 * self.config.heartbeat_timeout_s)
+        return client
+
+    async def _close(self, client: Client) -> None:
+        with contextlib.suppress(TimeoutError, OSError, ua.UaError):
+            async with asyncio.timeout(self.config.timeout_s):
+                await client.disconnect()
+        # disconnect() gives up early on a dead transport; make sure its helpers are gone.
+        for task in (
+            client._supervisor_task,
+            client._renew_channel_task,
+            client._stale_watchdog_task,
+        ):
+            await Client._cancel_task(task)
+        publish = client.uaclient._publish_task
+        if publish is not None:
+            publish.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await publish
+
+    def _lost(self, error: BaseException, now: float) -> None:
+        self._last_error = str(error)
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("connection lost: %s", error)
+            self._sink(ConnectionChange(self.name, False, str(error), now))
+        else:
+            log.debug("%s still unreachable: %s", self.where, error)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _request(self, what: str, aw: Awaitable[T], station: str | None = None) -> T:
+        """Every request: one deadline, counted, asyncua errors translated once."""
+        loop = asyncio.get_running_loop()
+        self._requests += 1
+        start = loop.time()
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                return await aw
+        except (TimeoutError, OSError, ua.UaError) as exc:
+            self._errors += 1
+            error = self._translate(exc, what, station)
+            self._last_error = str(error)
+            raise error from exc
+        finally:
+            self._request_seconds += loop.time() - start
+
+    def _translate(self, exc: BaseException, what: str, station: str | None = None) -> PlcError:
+        where = self.where + (f" station '{station}'" if station else "")
+        if isinstance(exc, TimeoutError):
+            return PlcTimeout(
+                f"{where}: {what}: no answer within the deadline", plc=self.name, station=station
+            )
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            return PlcConnectionLost(f"{where}: {what}: {reason}", plc=self.name, station=station)
+        if isinstance(exc, ua.UaStatusCodeError):
+            name = ua.StatusCode(exc.code).name
+            kind = PlcConnectionLost if exc.code in _SESSION_GONE else ProtocolViolation
+            return kind(f"{where}: {what}: {name}", plc=self.name, station=station)
+        return ProtocolViolation(f"{where}: {what}: {exc}", plc=self.name, station=station)
+
+    async def _resolve(self, client: Client) -> _Nodes:
+        """Find every node of the contract in one TranslateBrowsePaths request."""
+        namespaces = await self._request("read NamespaceArray", client.get_namespace_array())
+        if OPCUA_NAMESPACE not in namespaces:
+            raise ProtocolViolation(
+                f"{self.where}: namespace {OPCUA_NAMESPACE} is not served", plc=self.name
+            )
+        ns = namespaces.index(OPCUA_NAMESPACE)
+        wanted: list[tuple[str | None, list[str]]] = [(None, [OPCUA_ROOT, OPCUA_HEARTBEAT])]
+        for name, st in self.stations.items():
+            for slot in range(st.capacity):
+                base = [OPCUA_ROOT, str(st.address), slot_name(slot)]
+                wanted += [
+                    (name, base),
+                    (name, [*base, OPCUA_STATUS]),
+                    (name, [*base, OPCUA_COMMAND]),
+                ]
+        paths = [_browse_path(ns, names) for _, names in wanted]
+        results = await self._request(
+            "translate browse paths", client.uaclient.translate_browsepaths_to_nodeids(paths)
+        )
+        found: list[ua.NodeId] = []
+        for (station, names), result in zip(wanted, results, strict=True):
+            if not result.StatusCode.is_good() or not result.Targets:
+                at = f" station '{station}'" if station else ""
+                path = "/".join(["Objects", *(f"{ns}:{n}" for n in names)])
+                raise ProtocolViolation(
+                    f"{self.where}{at}: no node at browse path {path} "
+                    f"({ua.StatusCode(result.StatusCode.value).name})",
+                    plc=self.name,
+                    station=station,
+                )
+            target = result.Targets[0].TargetId
+            found.append(ua.NodeId(target.Identifier, target.NamespaceIndex))
+        it = iter(found[1:])
+        status: dict[SlotKey, ua.NodeId] = {}
+        command: dict[SlotKey, tuple[ua.NodeId, ua.NodeId]] = {}
+        for name, st in self.stations.items():
+            for slot in range(st.capacity):
+                obj, status[(name, slot)], method = next(it), next(it), next(it)
+                command[(name, slot)] = (obj, method)
+        return _Nodes(ns, found[0], status, command)
+
+    async def _read(self, client: Client, nodes: _Nodes) -> list[ua.DataValue]:
+        """Every Status array and the heartbeat, in one Read request."""
+        params = ua.ReadParameters()
+        for node in [*nodes.status.values(), nodes.heartbeat]:
+            rv = ua.ReadValueId()
+            rv.NodeId = node
+            rv.AttributeId = ua.AttributeIds.Value
+            params.NodesToRead.append(rv)
+        return await self._request("read status", client.uaclient.read(params))
+
+    async def _resync(self, client: Client, nodes: _Nodes) -> None:
+        values = await self._read(client, nodes)
+        self._heartbeat = _plain(values[-1])
+        self._beat.clear()
+        self._last.clear()
+        now = asyncio.get_running_loop().time()
+        for key, value in zip(nodes.status, values, strict=False):
+            self._observe(key, nodes.status[key], value, now, resync=True)
+
+    async def _subscribe(self, client: Client, nodes: _Nodes) -> Subscription:
+        items = [*nodes.status.values(), nodes.heartbeat]
+        subscription = await self._request(
+            "create subscription",
+            client.create_subscription(
+                _subscription_parameters(self.config.publishing_interval_s),
+                None,
+                # A full queue means we fell behind: rebuild and resync rather than drop changes.
+                queue_maxsize=max(1000, 4 * _MONITORED_QUEUE * len(items)),
+                overflow=OverflowPolicy.DISCONNECT,
+            ),
+        )
+        handles = await self._request(
+            "create monitored items",
+            subscription.subscribe_data_change(
+                [client.get_node(n) for n in items], queuesize=_MONITORED_QUEUE, sampling_interval=0
+            ),
+        )
+        for node, handle in zip(items, handles, strict=True):
+            if isinstance(handle, ua.StatusCode):
+                raise ProtocolViolation(
+                    f"{self.where}: cannot monitor node {node.to_string()}: {handle.name}",
+                    plc=self.name,
+                )
+        return subscription
+
+    # --- watching -----------------------------------------------------------------------------
+
+    async def _watch_transport(self, client: Client) -> None:
+        async with client.uaclient.subscribe_state() as states:
+            while client.uaclient.state is UaClientState.CONNECTED:
+                await states.next_change()
+        raise PlcConnectionLost(f"{self.where}: connection closed", plc=self.name)
+
+    async def _watch_heartbeat(self) -> None:
+        timeout = self.config.heartbeat_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._beat.wait()
+            except TimeoutError:
+                raise PlcConnectionLost(
+                    f"{self.where}: heartbeat unchanged for {timeout:g} s", plc=self.name
+                ) from None
+            self._beat.clear()
+
+    async def _consume(self, subscription: Subscription, nodes: _Nodes) -> None:
+        loop = asyncio.get_running_loop()
+        async for event in subscription:
+            if isinstance(event, StatusChangeEvent):
+                status = event.notification.Status
+                raise PlcConnectionLost(
+                    f"{self.where}: subscription status {status.name}", plc=self.name
+                )
+            if not isinstance(event, DataChangeEvent):
+                continue
+            self._notifications += 1
+            node = event.node.nodeid
+            value = event.data.monitored_item.Value
+            if node == nodes.heartbeat:
+                self._on_heartbeat(value)
+            elif (key := nodes.by_node.get(node)) is not None:
+                self._observe(key, node, value, loop.time())
+        raise PlcConnectionLost(f"{self.where}: subscription ended", plc=self.name)
+
+    async def _poll(self, client: Client, nodes: _Nodes) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.poll_interval_s
+        # Jitter the first poll so a hundred PLCs are not read in the same millisecond.
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            started = loop.time()
+            values = await self._read(client, nodes)
+            now = loop.time()
+            self._on_heartbeat(values[-1])
+            for key, value in zip(nodes.status, values, strict=False):
+                self._observe(key, nodes.status[key], value, now)
+            # The next poll starts after this one finished: polls never overlap.
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+    def _on_heartbeat(self, value: ua.DataValue | None) -> None:
+        beat = _plain(value)
+        if beat is not None and beat != self._heartbeat:
+            self._heartbeat = beat
+            self._beat.set()
+
+    def _observe(
+        self,
+        key: SlotKey,
+        node: ua.NodeId,
+        value: ua.DataValue | None,
+        at: float,
+        resync: bool = False,
+    ) -> None:
+        """Decode one Status array, check it against the contract and report a change."""
+        station, slot = key
+        try:
+            raw = _plain(value)
+            if not isinstance(raw, list):
+                status_code = value.StatusCode.name if value and value.StatusCode else "no value"
+                raise ContractViolation(f"Status is not an array ({status_code})", 0)
+            status = status_from_array(raw)
+        except ContractViolation as exc:
+            self._violation(key, node, str(exc), at)
+            return
+        units = self._units.setdefault(key, {})
+        last = self._last.get(key)
+        self._last[key] = status
+        if resync:
+            if status.unit:
+                units[status.unit] = None
+            self._sink(SlotUpdate(self.name, station, slot, status, at, resync=True))
+            return
+        if status == last:
+            return
+        if last is not None and status.ack_seq < last.ack_seq:
+            self._violation(
+                key, node, f"ack_seq went backwards from {last.ack_seq} to {status.ack_seq}", at
+            )
+            return
+        if status.unit and status.unit not in units:
+            self._violation(key, node, f"unit {status.unit} was never commanded", at)
+            return
+        self._sink(SlotUpdate(self.name, station, slot, status, at))
+
+    def _violation(self, key: SlotKey, node: ua.NodeId, message: str, at: float) -> None:
+        station, slot = key
+        error = ProtocolViolation(
+            f"{self.where} station '{station}' node {node.to_string()}: {message}",
+            plc=self.name,
+            station=station,
+        )
+        log.warning("%s", error)
+        self._sink(StationViolation(self.name, station, slot, error, at))
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def command(
+        self, station: str, slot: int, seq: int, code: Command, unit: int
+    ) -> SlotStatus:
+        client, nodes = self._client, self._nodes
+        if client is None or nodes is None or not self.connected:
+            raise PlcConnectionLost(
+                f"{self.where} station '{station}': not connected", plc=self.name, station=station
+            )
+        key = (station, slot)
+        if key not in nodes.command:
+            raise ValueError(f"{self.where} has no station '{station}' slot {slot}")
+        if unit:
+            # Allowed before the call: the change showing it may arrive before the answer.
+            units = self._units.setdefault(key, {})
+            units[unit] = None
+            while len(units) > _RECENT_UNITS:
+                del units[next(iter(units))]
+        obj, method = nodes.command[key]
+        request = ua.CallMethodRequest()
+        request.ObjectId = obj
+        request.MethodId = method
+        request.InputArguments = [
+            ua.Variant(seq, ua.VariantType.UInt32),
+            ua.Variant(int(code), ua.VariantType.UInt16),
+            ua.Variant(unit, ua.VariantType.UInt32),
+        ]
+        what = f"call {method.to_string()}"
+        (result,) = await self._request(what, client.uaclient.call([request]), station)
+        try:
+            result.StatusCode.check()
+            ack_seq, verdict = (v.Value for v in result.OutputArguments)
+            verdict = CmdStatus(verdict)
+        except (ua.UaError, ValueError, TypeError) as exc:
+            raise ProtocolViolation(
+                f"{self.where} station '{station}' node {method.to_string()}: bad answer: {exc}",
+                plc=self.name,
+                station=station,
+            ) from exc
+        if ack_seq != seq:
+            raise ProtocolViolation(
+                f"{self.where} station '{station}' node {method.to_string()}: "
+                f"echoed seq {ack_seq} for seq {seq}",
+                plc=self.name,
+                station=station,
+            )
+        # The whole array follows through the subscription; the echo fields are authoritative.
+        status = replace(self._last.get(key, SlotStatus()), ack_seq=ack_seq, cmd_status=verdict)
+        if verdict != CmdStatus.ACCEPTED:
+            raise CommandRefused(
+                f"{self.where} station '{station}' slot {slot}: command {code!r} seq {seq} "
+                f"unit {unit} refused: {verdict.name}",
+                plc=self.name,
+                station=station,
+            )
+        return status
+
+    def statistics(self) -> DriverStatistics:
+        since = None
+        if self._connected_at is not None and self.connected:
+            since = asyncio.get_running_loop().time() - self._connected_at
+        return DriverStatistics(
+            plc=self.name,
+            protocol=self.protocol,
+            connected=self.connected,
+            requests=self._requests,
+            errors=self._errors,
+            reconnects=self._reconnects,
+            request_seconds_total=self._request_seconds,
+            notifications=self._notifications,
+            since_connected_s=since,
+            last_error=self._last_error,
+        )
+
+
+def _subscription_parameters(interval_s: float) -> ua.CreateSubscriptionParameters:
+    params = ua.CreateSubscriptionParameters()
+    params.RequestedPublishingInterval = interval_s * 1000
+    # Values the server keeps as asked, so asyncua does not warn and modify the subscription.
+    params.RequestedLifetimeCount = 10_000
+    params.RequestedMaxKeepAliveCount = 10
+    params.MaxNotificationsPerPublish = 0  # no limit
+    params.PublishingEnabled = True
+    return params
+
+
+def _browse_path(ns: int, names: list[str]) -> ua.BrowsePath:
+    path = ua.BrowsePath()
+    path.StartingNode = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+    for name in names:
+        el = ua.RelativePathElement()
+        el.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+        el.IsInverse = False
+        el.IncludeSubtypes = True
+        el.TargetName = ua.QualifiedName(name, ns)
+        path.RelativePath.Elements.append(el)
+    return path
+
+
+def _plain(value: ua.DataValue | None) -> Any:
+    if value is None or value.Value is None:
+        return None
+    if value.StatusCode is not None and not value.StatusCode.is_good():
+        return None
+    return value.Value.Value

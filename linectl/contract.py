@@ -144,6 +144,15 @@ def _split(value: int) -> tuple[int, int]:
     return (value >> 16) & 0xFFFF, value & 0xFFFF
 
 
+def is_newer(seq: int, ack_seq: int) -> bool:
+    """Whether ``seq`` comes after ``ack_seq`` in u32 serial-number arithmetic (RFC 1982).
+
+    The PLC evaluates a command only when this holds, so a repeated write (pymodbus re-sends
+    after a timeout) or a stale one delivered late is never run; the numbers may wrap.
+    """
+    return 0 < (seq - ack_seq) % (U32_MAX + 1) < 0x8000_0000
+
+
 def command_words(seq: int, code: int, unit: int) -> list[int]:
     """A slot's command registers as they stand, without judging them (the PLC side)."""
     return [*_split(seq), code, 0, *_split(unit)]

@@ -25,6 +25,7 @@ from linectl.contract import (
     command_words,
     encode_header,
     encode_slot_status,
+    is_newer,
 )
 
 ChangeListener = Callable[["SimStation", int], None]
@@ -96,11 +97,12 @@ class SimStation:
     # --- the program ------------------------------------------------------------------------
 
     def command(self, slot: int, seq: int, code: int, unit: int) -> SlotStatus:
-        """Evaluate a command written to ``slot``; a sequence number already seen is ignored."""
+        """Evaluate a command written to ``slot``, once: only a sequence number newer than the
+        last one evaluated is acted on."""
         s = self._slots[slot]
         s.command = (seq, code, unit)
-        if seq == s.status.ack_seq:
-            self.commands_repeated += 1
+        if not is_newer(seq, s.status.ack_seq):
+            self.commands_repeated += 1  # a repeated or stale write: evaluated before
             return s.status
         self.commands_evaluated += 1
         state = s.status.state

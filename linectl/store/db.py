@@ -35,7 +35,7 @@ def parse_url(url: str) -> URL:
     """Check a storage URL and pick the driver: postgresql:// means psycopg 3."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise StoreError(
             f"trace store {mask(url)}: not a database URL; use sqlite:///FILE or "
             f"postgresql://USER@HOST/DB"

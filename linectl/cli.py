@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -79,6 +83,193 @@ def schema() -> None:
     """Print the JSON Schema of a line config (for editor completion)."""
     json.dump(json_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+# --- Trace store queries ---------------------------------------------------------------------
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Database URL; overrides the config's storage.url.", show_default=False
+    ),
+]
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+def _iso(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time from the command line; one without a zone is taken as UTC."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not an ISO 8601 time", param_hint=option) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _with_store(config: Path, db: str | None, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``work(store)`` on the line's trace store, opened for reading only."""
+    from linectl.store import TraceStore
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+
+    async def run() -> Any:
+        async with await TraceStore.open(db or cfg.storage_url, cfg.line, create=False) as store:
+            return await work(store)
+
+    try:
+        return asyncio.run(run())
+    except LinectlError as exc:
+        _fail(exc)
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped into a file, rich would squeeze tables to 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+@app.command("units")
+def units_command(
+    config: ConfigArg,
+    status: Annotated[
+        str | None, typer.Option(help="in_line, finished or quarantined.", show_default=False)
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Released at or after (ISO 8601; UTC if no zone).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Released before (ISO 8601).")] = None,
+    station: Annotated[
+        str | None, typer.Option(help="Only units that went through this station.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Show at most this many.")] = None,
+    db: DbOption = None,
+) -> None:
+    """List the units of a line recorded in its trace store, oldest first."""
+    from rich.table import Table
+
+    start, end = _iso(since, "--since"), _iso(until, "--until")
+
+    async def query(store: Any) -> Any:
+        try:
+            return await store.units(status, start, end, station, limit)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--status") from None
+
+    found = _with_store(config, db, query)
+    table = Table(title=f"{len(found)} unit(s)")
+    for column in ("Serial", "Status", "Released", "Finished", "Steps", "Last step", "Branch"):
+        table.add_column(column, no_wrap=column != "Branch")
+    table.add_column("Quarantine reason")
+    for unit in found:
+        last = unit.steps[-1] if unit.steps else None
+        table.add_row(
+            unit.serial,
+            unit.status,
+            _when(unit.released_at),
+            _when(unit.finished_at),
+            str(len(unit.steps)),
+            "" if last is None else f"{last.station} #{last.attempt}: {last.result or last.status}",
+            unit.branch or "",
+            unit.reason or "" if unit.status == "quarantined" else "",
+        )
+    _console().print(table)
+
+
+@app.command("trace")
+def trace_command(
+    config: ConfigArg,
+    serial: Annotated[str, typer.Argument(help="Serial of the unit.", show_default=False)],
+    db: DbOption = None,
+) -> None:
+    """Show one unit's whole history: release, every step at every station, quarantine, finish."""
+    from rich.table import Table
+
+    async def query(store: Any) -> Any:
+        return await store.trace(serial)
+
+    trace = _with_store(config, db, query)
+    unit = trace.unit
+    console = _console()
+    console.print(
+        f"[bold]{unit.serial}[/bold]  line {unit.line}, unit {unit.unit_id}: {unit.status}"
+    )
+    console.print(f"released  {_when(unit.released_at)}")
+    if unit.branch:
+        console.print(f"branches  {unit.branch}")
+    steps = Table(title="Steps")
+    for column in ("Station", "Slot", "Attempt", "Seq", "Commanded", "Accepted", "Finished"):
+        steps.add_column(column, no_wrap=True)
+    for column in ("Duration s", "Result", "Fault", "PLC cycle s"):
+        steps.add_column(column, no_wrap=True, justify="right")
+    for step in trace.steps:
+        steps.add_row(
+            step.station,
+            str(step.slot),
+            str(step.attempt),
+            str(step.seq),
+            _when(step.commanded_at),
+            _when(step.accepted_at),
+            _when(step.finished_at),
+            _seconds(step.duration_s),
+            step.result or step.status,
+            str(step.fault_code) if step.fault_code else "",
+            _seconds(step.plc_cycle_s),
+        )
+    console.print(steps)
+    for entry in trace.quarantines:
+        back = f", released {_when(entry.released_at)}" if entry.released_at else ", still held"
+        console.print(f"quarantined  {_when(entry.at)}: {entry.reason}{back}")
+    if unit.finished_at is not None:
+        console.print(f"finished  {_when(unit.finished_at)}")
+
+
+@app.command("export")
+def export_command(
+    config: ConfigArg,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl.")] = ExportFormat.csv,
+    output: Annotated[
+        Path | None, typer.Option(help="Write here instead of stdout.", show_default=False)
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Export every step joined with its unit, one row per step, for a spreadsheet."""
+    from linectl.store.export import ExportWriter
+
+    async def export(store: Any, out: TextIO) -> int:
+        writer = ExportWriter(out, fmt.value)
+        async for page in store.export():
+            writer.write(page)
+        return writer.rows
+
+    if output is None:
+        _with_store(config, db, lambda store: export(store, sys.stdout))
+        return
+    try:
+        out = output.open("w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot write {output}: {exc.strerror}", param_hint="--output"
+        ) from None
+    with out:
+        rows = _with_store(config, db, lambda store: export(store, out))
+    typer.echo(f"{output}: {rows} step(s)", err=True)
 
 
 def main() -> None:

@@ -272,6 +272,34 @@ def export_command(
     typer.echo(f"{output}: {rows} step(s)", err=True)
 
 
+@app.command("sim")
+def sim_command(
+    config: ConfigArg,
+    control_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port of the HTTP control interface; 0 = free.")
+    ] = 0,
+    free_ports: Annotated[
+        bool, typer.Option(help="Listen on free ports instead of the config's; print them.")
+    ] = False,
+) -> None:
+    """Run every PLC of a line config as a simulator until Ctrl-C or SIGTERM.
+
+    Prints where each PLC listens and the control URL (docs/simulators.md), then 'ready'.
+    """
+    from simulators.control import serve
+
+    try:
+        cfg = load_config(config)
+        asyncio.run(
+            serve(cfg, control_port=control_port, free_ports=free_ports, announce=typer.echo)
+        )
+    except ConfigError as exc:
+        _fail(exc)
+    except OSError as exc:  # a port already taken, named by the server that wanted it
+        typer.echo(f"{config}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     app()
 

@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
@@ -31,6 +33,7 @@ from linectl.store import (
 from linectl.store.db import make_engine
 from linectl.store.export import COLUMNS, ExportWriter
 from linectl.store.schema import MIGRATIONS, SCHEMA_VERSION, prepare
+from linectl.store.writes import plan
 from tests.pg import pg_schema_url, pg_url  # noqa: F401 - fixtures
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
@@ -216,6 +219,31 @@ async def test_writes_after_close_are_refused(url: str) -> None:
         await store.unit_released(1, "L1-000001", at(0))
     with pytest.raises(StoreError, match="closed"):
         await store.units()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["unit_released", "step_commanded", "step_finished", "station_event"]),
+            st.integers(1, 4),
+        ),
+        max_size=40,
+    )
+)
+def test_batching_keeps_the_order_of_writes_to_each_unit_and_of_events(
+    calls: list[tuple[str, int]],
+) -> None:
+    writes = []
+    for n, (kind, unit) in enumerate(calls):
+        key = "k_unit" if kind == "step_finished" else "unit_id"
+        writes.append((kind, {"n": n} if kind == "station_event" else {key: unit, "n": n}))
+    applied = [(kind, row) for kind, rows in plan(writes) for row in rows]
+    assert sorted(row["n"] for _, row in applied) == list(range(len(writes)))
+    for unit in range(1, 5):
+        touching = [r["n"] for _, r in applied if unit in (r.get("unit_id"), r.get("k_unit"))]
+        assert touching == sorted(touching)
+    events = [r["n"] for kind, r in applied if kind == "station_event"]
+    assert events == sorted(events)
 
 
 # --- Queue: backpressure, drain, statistics --------------------------------------------------

@@ -144,7 +144,7 @@ class OpcUaDriver(PlcDriver):
                 raise self._translate(exc, "connect") from exc
             # asyncua's stale-subscription watchdog would re-create our subscription behind our
             # back (a second owner of recovery); the heartbeat watchdog below replaces it.
-            await Client._cancel_task(client._stale_watchdog_task)
+            await _cancel_and_wait([client._stale_watchdog_task])
             client._stale_watchdog_task = None
             nodes = await self._resolve(client)
             self._client, self._nodes = client, nodes
@@ -193,21 +193,27 @@ class OpcUaDriver(PlcDriver):
         return client
 
     async def _close(self, client: Client) -> None:
+        # asyncua's teardown (Client._cancel_task) swallows every CancelledError, also one aimed
+        # at this task: run it as a task of its own, so a cancel reaches us and is not lost.
+        closing = asyncio.create_task(self._disconnect(client), name=f"close-{self.name}")
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await asyncio.wait([closing])  # bounded by the deadline inside
+            raise
+
+    async def _disconnect(self, client: Client) -> None:
         with contextlib.suppress(TimeoutError, OSError, ua.UaError):
             async with asyncio.timeout(self.config.timeout_s):
                 await client.disconnect()
         # disconnect() gives up early on a dead transport; make sure its helpers are gone.
-        for task in (
+        helpers = [
             client._supervisor_task,
             client._renew_channel_task,
             client._stale_watchdog_task,
-        ):
-            await Client._cancel_task(task)
-        publish = client.uaclient._publish_task
-        if publish is not None:
-            publish.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await publish
+            client.uaclient._publish_task,
+        ]
+        await _cancel_and_wait(helpers)
 
     def _lost(self, error: BaseException, now: float) -> None:
         self._last_error = str(error)
@@ -522,6 +528,15 @@ class OpcUaDriver(PlcDriver):
             since_connected_s=since,
             last_error=self._last_error,
         )
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[Any] | None]) -> None:
+    """Cancel helper tasks and wait for their end without swallowing our own cancellation."""
+    pending = [t for t in tasks if t is not None and not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _subscription_parameters(interval_s: float) -> ua.CreateSubscriptionParameters:

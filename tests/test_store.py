@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,7 @@ from linectl.store.db import make_engine
 from linectl.store.export import COLUMNS, ExportWriter
 from linectl.store.schema import MIGRATIONS, SCHEMA_VERSION, prepare
 from linectl.store.writes import plan
+from tests.helpers import eventually
 from tests.pg import pg_schema_url, pg_url  # noqa: F401 - fixtures
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
@@ -283,6 +285,33 @@ async def test_close_commits_everything_queued(url: str) -> None:
     assert stats.last_commit_latency_s is not None
     assert query(url, "SELECT count(*) FROM units") == [(300,)]
     assert query(url, "SELECT count(*) FROM station_events") == [(300,)]
+
+
+async def test_a_cancelled_close_cancels_the_writer_and_fails_waiting_intents(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "trace.sqlite3"
+    store = await TraceStore.open(f"sqlite:///{path}", "L1")
+    await store.unit_released(1, "L1-000001", at(0))
+    await store.flush()
+    # Another process holds the write lock, so the writer's next commit hangs in busy_timeout.
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        intent = asyncio.create_task(store.step_commanded(1, "a", 0, 1, 1, at(1)))
+        await eventually(
+            lambda: store.statistics().writes_queued == 2 and store.statistics().queue_depth == 0,
+            what="the writer to take the intent",
+        )
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await store.close()
+        with pytest.raises(StoreError, match="writer cancelled; writes not confirmed"):
+            await intent
+        assert store.statistics().failed
+    finally:
+        blocker.rollback()
+        blocker.close()
 
 
 # --- Queries ---------------------------------------------------------------------------------

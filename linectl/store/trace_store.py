@@ -130,15 +130,22 @@ class TraceStore:
         if self._closed:
             return
         self._accepting = False
+        task = self._task
+        drained = False
         try:
-            if self._task is not None and not self._task.done():
+            if task is not None and not task.done():
                 await self._queue.put(_STOP)
-            if self._task is not None:
-                # Cancelling close (a shutdown deadline) cancels the writer too.
-                await self._task
+            if task is not None:
+                await task
+            drained = True
         finally:
+            if task is not None and not task.done():
+                # close() itself was cancelled (a shutdown deadline): so is the writer.
+                task.cancel()
             self._closed = True
-            self._release(wait=self._task is None or self._task.done())
+            # Cancelled, the writer thread may be stuck in a commit: do not block the loop on
+            # it; it ends when that commit does.
+            self._release(wait=drained)
         if self._failure is not None:
             raise self._error()
 
@@ -211,7 +218,7 @@ class TraceStore:
                 batch = []
         except asyncio.CancelledError:
             self._fail(
-                StoreError(f"trace store {self._where}: writer cancelled before committing"),
+                StoreError(f"trace store {self._where}: writer cancelled; writes not confirmed"),
                 batch,
             )
             raise
@@ -223,12 +230,12 @@ class TraceStore:
     def _fail(self, error: StoreError, lost: list[Any]) -> None:
         self._failure = error
         self._accepting = False
-        log.error("%s; %d queued write(s) not recorded", error, len(lost) + self._queue.qsize())
         # Drain the queue so blocked writers wake up and see the failure.
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not _STOP:
                 lost.append(item)
+        log.error("%s; %d write(s) not recorded", error, len(lost))
         for _, _, future in lost:
             if future is not None and not future.done():
                 future.set_exception(self._error())

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,8 +50,8 @@ UInt32 = ua.VariantType.UInt32
 UInt16 = ua.VariantType.UInt16
 
 
-def _value(value: Any, kind: ua.VariantType) -> ua.DataValue:
-    return ua.DataValue(ua.Variant(value, kind))
+def _value(value: Any, kind: ua.VariantType, changed: datetime | None = None) -> ua.DataValue:
+    return ua.DataValue(ua.Variant(value, kind), SourceTimestamp=changed)
 
 
 class OpcUaSimServer:
@@ -266,14 +267,16 @@ class OpcUaSimServer:
         node = self._status_nodes.get((station.name, slot))
         if node is None:  # a station of this PLC object that is served by another server
             return
-        self._pending[node] = _value(status_to_array(station.status(slot)), UInt32)
-        self._pending[self._cycle_nodes[station.name]] = _value(station.cycle_count, UInt32)
+        # SourceTimestamp: when the PLC changed the value, not when the server got to write it.
+        now = datetime.now(UTC)
+        self._pending[node] = _value(status_to_array(station.status(slot)), UInt32, now)
+        self._pending[self._cycle_nodes[station.name]] = _value(station.cycle_count, UInt32, now)
         self._wake.set()
 
     def _on_heartbeat(self, heartbeat: int) -> None:
         if self._server is None or self._heartbeat_node is None:
             return
-        self._pending[self._heartbeat_node] = _value(heartbeat, UInt32)
+        self._pending[self._heartbeat_node] = _value(heartbeat, UInt32, datetime.now(UTC))
         self._wake.set()
 
     async def _flush(self) -> None:

@@ -401,7 +401,7 @@ async def test_export_pages_every_step_joined_with_its_unit(url: str) -> None:
     table = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert tuple(table[0]) == COLUMNS
     assert table[0]["serial"] == "L1-000001"
-    assert table[0]["commanded_at"] == "2024-05-01T08:01:41+00:00"
+    assert table[0]["commanded_at"] == "2024-05-01T08:01:41.000000+00:00"
     assert table[2]["finished_at"] == ""  # b is still running
 
     out = io.StringIO()

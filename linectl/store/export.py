@@ -16,7 +16,8 @@ COLUMNS = tuple(f.name for f in dataclasses.fields(ExportRow))
 
 
 def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    # One format for every time, so a spreadsheet parses the whole column alike.
+    return value.isoformat(timespec="microseconds") if isinstance(value, datetime) else value
 
 
 class ExportWriter:

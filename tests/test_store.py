@@ -154,6 +154,16 @@ async def test_step_commanded_returns_only_once_another_connection_sees_the_row(
             assert rows == [("commanded", n)]
 
 
+async def test_intents_queued_with_step_intended_are_durable_after_flush(url: str) -> None:
+    async with await TraceStore.open(url, "L1") as store:
+        await store.unit_released(1, "L1-000001", at(0))
+        for n in range(1, 4):
+            await store.step_intended(1, f"s{n}", 0, 1, n, at(n), branch=f"flow[{n}]=0")
+        await store.flush()
+        assert query(url, "SELECT count(*) FROM steps WHERE status = 'commanded'") == [(3,)]
+        assert query(url, "SELECT branch FROM units") == [("flow[1]=0;flow[2]=0;flow[3]=0",)]
+
+
 async def test_writes_are_applied_in_call_order(url: str) -> None:
     """Finished after commanded, in one batch; a late echo does not reopen a finished step."""
     async with await TraceStore.open(url, "L1") as store:

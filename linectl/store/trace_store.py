@@ -270,6 +270,36 @@ class TraceStore:
         ``branch`` is the route choice that sent the unit here (``"flow[0]=1"``); it is
         appended to the unit's branches, separated by ``;``.
         """
+        await self._step_intent(unit_id, station, slot, attempt, seq, at, branch, durable=True)
+
+    async def step_intended(
+        self,
+        unit_id: int,
+        station: str,
+        slot: int,
+        attempt: int,
+        seq: int,
+        at: datetime,
+        branch: str | None = None,
+    ) -> None:
+        """Like step_commanded, but returns once queued: durable only after ``flush()``.
+
+        For a caller that gathers several intents and makes them durable with one flush.
+        """
+        await self._step_intent(unit_id, station, slot, attempt, seq, at, branch, durable=False)
+
+    async def _step_intent(
+        self,
+        unit_id: int,
+        station: str,
+        slot: int,
+        attempt: int,
+        seq: int,
+        at: datetime,
+        branch: str | None,
+        *,
+        durable: bool,
+    ) -> None:
         await self._submit(
             "step_commanded",
             {
@@ -284,7 +314,7 @@ class TraceStore:
                 "fault_code": 0,
                 "b_branch": branch or None,
             },
-            durable=True,
+            durable=durable,
         )
 
     async def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> None:

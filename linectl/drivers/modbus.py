@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -116,6 +117,10 @@ def _exception_name(response: ModbusPDU) -> str:
     return f"{_EXCEPTION_NAMES.get(code, 'exception')} ({code})"
 
 
+def _detail(message: str, where: str) -> str:
+    return message.removeprefix(f"{where}: ")
+
+
 def _command_name(code: int) -> str:
     try:
         return Command(code).name
@@ -162,6 +167,7 @@ class ModbusDriver(PlcDriver):
         self._heartbeat: int | None = None
         self._heartbeat_at = 0.0
         # Statistics.
+        self.polls_started = 0
         self._requests = 0
         self._errors = 0
         self._reconnects = 0
@@ -199,9 +205,9 @@ class ModbusDriver(PlcDriver):
                 if down_since is None:
                     down_since = loop.time()
                     what = "connection lost" if was_connected else "unreachable"
-                    log.warning("%s %s: %s", self.where, what, reason)
+                    log.warning("%s %s: %s", self.where, what, _detail(reason, self.where))
                 else:
-                    log.debug("%s still unreachable: %s", self.where, reason)
+                    log.debug("%s still unreachable: %s", self.where, _detail(reason, self.where))
             finally:
                 self._disconnect()
             await asyncio.sleep(self._backoff.next_delay())
@@ -230,9 +236,9 @@ class ModbusDriver(PlcDriver):
             ) from exc
         except OSError as exc:
             client.close()
-            raise PlcConnectionLost(
-                f"{self.where}: connect failed: {exc.strerror or exc}", plc=self.name
-            ) from exc
+            # asyncio words it "Connect call failed (host, port)": say why, not where.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise PlcConnectionLost(f"{self.where}: connect failed: {why}", plc=self.name) from exc
         return client
 
     def _on_trace_connect(self, client: AsyncModbusTcpClient, up: bool) -> None:
@@ -318,6 +324,11 @@ class ModbusDriver(PlcDriver):
                         if task is not None and task.cancelling() > cancelling:
                             raise asyncio.CancelledError from None
                         raise
+                    if task is not None and task.cancelling() > cancelling:
+                        # pymodbus awaits asyncio.wait_for, which on Python 3.11 returns the
+                        # result and drops a cancellation arriving with the response (cpython
+                        # gh-86296): deliver it, or run() would never stop.
+                        raise asyncio.CancelledError
             except TimeoutError as exc:
                 self._failed(f"{what}: no answer within {self.config.timeout_s} s")
                 self._consecutive_timeouts += 1
@@ -347,6 +358,7 @@ class ModbusDriver(PlcDriver):
     # --- polling ---------------------------------------------------------------------------------
 
     async def _poll(self, *, resync: bool) -> None:
+        self.polls_started += 1
         for read in self._reads:
             response = await self._read(read.start, read.count)
             at = asyncio.get_running_loop().time()

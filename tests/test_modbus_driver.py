@@ -1,0 +1,363 @@
+"""ModbusDriver against the Modbus simulator on real sockets: handshake, faults, reads per poll."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from linectl.config import Line, Station, parse_config
+from linectl.contract import HEADER_WORDS, S_STATE, SLOT_WORDS, CmdStatus, Command, Result, State
+from linectl.drivers.base import ConnectionChange, DriverEvent, SlotUpdate, StationViolation
+from linectl.drivers.modbus import ModbusDriver, plan_reads
+from linectl.errors import CommandRefused, PlcConnectionLost, PlcTimeout
+from simulators.modbus_server import ModbusSimServer
+from simulators.runner import SimLine
+from tests.helpers import eventually
+
+PLC = (
+    "{protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, timeout_s: 0.2, "
+    "connect_timeout_s: 0.5, heartbeat_timeout_s: 0.3, backoff_initial_s: 0.02, "
+    "backoff_max_s: 0.1}"
+)
+
+
+def line_of(stations: str, plc: str = PLC) -> Line:
+    return parse_config(
+        f"""
+line: modbus_driver
+time_scale: 0.01
+plcs:
+  p: {plc}
+stations:
+{stations}
+flow: [s1]
+"""
+    )
+
+
+LINE = line_of(
+    """
+  s1: {plc: p, address: 0, cycle_s: 2.0}
+  s2: {plc: p, address: 24, cycle_s: 2.0}
+  s3: {plc: p, address: 48, cycle_s: 2.0}
+  slow: {plc: p, address: 72, cycle_s: 5.0, capacity: 2}
+"""
+)
+
+
+class Events:
+    """The driver's sink: records events; a test waits for the next one that matches.
+
+    ``next`` reads on from the previous match, so successive waits follow the event order.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[DriverEvent] = []
+        self.cursor = 0
+        self._new = asyncio.Event()
+
+    def __call__(self, event: DriverEvent) -> None:
+        self.seen.append(event)
+        self._new.set()
+
+    async def next(
+        self, match: Callable[[DriverEvent], bool], *, within: float = 3.0, what: str = "event"
+    ) -> DriverEvent:
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    while self.cursor < len(self.seen):
+                        event = self.seen[self.cursor]
+                        self.cursor += 1
+                        if match(event):
+                            return event
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {within} s; saw {self.seen[-5:]}") from None
+
+    async def slot(self, station: str, state: State, slot: int = 0) -> SlotUpdate:
+        event = await self.next(
+            lambda e: (
+                isinstance(e, SlotUpdate)
+                and (e.station, e.slot, e.status.state) == (station, slot, state)
+            ),
+            what=f"{station} slot {slot} {state.name}",
+        )
+        assert isinstance(event, SlotUpdate)
+        return event
+
+    async def connection(self, connected: bool, within: float = 3.0) -> ConnectionChange:
+        event = await self.next(
+            lambda e: isinstance(e, ConnectionChange) and e.connected is connected,
+            within=within,
+            what=f"ConnectionChange(connected={connected})",
+        )
+        assert isinstance(event, ConnectionChange)
+        return event
+
+
+def stations_of(line: Line, plc: str = "p") -> dict[str, Station]:
+    return {n: st for n, st in line.stations.items() if st.plc == plc}
+
+
+@contextlib.asynccontextmanager
+async def running(
+    line: Line, *, connected: bool = True
+) -> AsyncIterator[tuple[ModbusDriver, Events]]:
+    events = Events()
+    driver = ModbusDriver("p", line.plcs["p"], stations_of(line), events)  # type: ignore[arg-type]
+    task = asyncio.create_task(driver.run(), name="modbus-driver-p")
+    try:
+        if connected:
+            await events.connection(True)
+        yield driver, events
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimLine]:
+    async with SimLine(LINE, free_ports=True, heartbeat_period_s=0.005) as sim:
+        yield sim
+
+
+async def test_connect_resyncs_every_slot_before_announcing_the_connection(sim):
+    async with running(sim.line) as (_, events):
+        first = events.seen.index(next(e for e in events.seen if isinstance(e, ConnectionChange)))
+        resynced = {(e.station, e.slot) for e in events.seen[:first] if isinstance(e, SlotUpdate)}
+        assert resynced == {("s1", 0), ("s2", 0), ("s3", 0), ("slow", 0), ("slow", 1)}
+        assert all(e.resync for e in events.seen[:first])
+
+
+async def test_a_unit_runs_the_whole_handshake_through_the_driver(sim):
+    async with running(sim.line) as (driver, events):
+        started = await driver.command("slow", 1, 1, Command.START, 41)
+        assert (started.ack_seq, started.cmd_status, started.unit) == (1, CmdStatus.ACCEPTED, 41)
+        assert started.state == State.EXECUTE
+        done = await events.slot("slow", State.COMPLETE, slot=1)
+        assert (done.status.unit, done.status.result) == (41, Result.PASS)
+        await driver.command("slow", 1, 2, Command.RESET, 0)
+        idle = await events.slot("slow", State.IDLE, slot=1)
+        assert (idle.status.ack_seq, idle.status.unit) == (2, 0)
+        states = [
+            e.status.state
+            for e in events.seen
+            if isinstance(e, SlotUpdate) and (e.station, e.slot) == ("slow", 1) and not e.resync
+        ]
+        assert states == [State.EXECUTE, State.COMPLETE, State.IDLE]
+        assert sim.station("slow").completions[41] == 1
+
+
+async def test_a_refused_command_raises_naming_the_verdict(sim):
+    async with running(sim.line) as (driver, _):
+        await driver.command("slow", 0, 1, Command.START, 5)
+        with pytest.raises(CommandRefused, match=r"station 'slow' slot 0: .*seq 2 refused: "):
+            await driver.command("slow", 0, 2, Command.START, 6)
+        with pytest.raises(CommandRefused, match="REFUSED_UNIT"):
+            await driver.command("s1", 0, 1, Command.START, 0)
+
+
+async def test_a_repeated_sequence_number_is_confirmed_but_not_run_again(sim):
+    async with running(sim.line) as (driver, events):
+        first = await driver.command("s1", 0, 1, Command.START, 7)
+        await events.slot("s1", State.COMPLETE)
+        again = await driver.command("s1", 0, 1, Command.START, 7)
+        assert again.ack_seq == first.ack_seq == 1
+        assert sim.station("s1").starts[7] == 1
+        assert sim.station("s1").commands_repeated == 1
+
+
+async def test_a_command_is_one_write_of_the_command_area(sim):
+    server = sim.servers["p"]
+    async with running(sim.line) as (driver, _):
+        before = server.requests["write"]
+        await driver.command("s2", 0, 1, Command.START, 3)
+        assert server.requests["write"] - before == 1
+        assert server.requests["write_single"] == 0
+
+
+async def test_the_driver_reconnects_and_resyncs_after_the_plc_restarts(sim):
+    old = sim.servers["p"]
+    async with running(sim.line) as (driver, events):
+        port = old.port
+        await old.stop()
+        lost = await events.connection(False)
+        mark = len(events.seen)
+        assert not driver.connected
+        new = ModbusSimServer("p", sim.line.plcs["p"], sim.plcs["p"], port=port)
+        await new.start()
+        sim.servers["p"] = new  # SimLine stops it
+        await events.connection(True)
+        resync = [e for e in events.seen[mark : events.cursor] if isinstance(e, SlotUpdate)]
+        assert len(resync) == 5 and all(e.resync for e in resync)
+        assert driver.statistics().reconnects == 1
+        assert "p" in lost.reason and str(port) in lost.reason
+
+
+async def test_a_frozen_heartbeat_counts_as_a_lost_connection(sim):
+    config = sim.line.plcs["p"]
+    async with running(sim.line) as (_, events):
+        loop = asyncio.get_running_loop()
+        sim.plcs["p"].freeze_heartbeat()
+        frozen_at = loop.time()
+        lost = await events.connection(False, within=2)
+        assert "heartbeat frozen" in lost.reason
+        # Detected within the heartbeat timeout plus a poll (and a little scheduling slack).
+        assert lost.at - frozen_at <= config.heartbeat_timeout_s + config.poll_interval_s + 0.1
+        sim.plcs["p"].freeze_heartbeat(False)
+        await events.connection(True)
+
+
+async def test_dropped_connections_are_reestablished(sim):
+    server = sim.servers["p"]
+    async with running(sim.line) as (driver, events):
+        server.drop_connections()
+        await events.connection(False)
+        await events.connection(True)
+        assert server.connections_accepted == 2
+        assert server.client_count == 1
+        assert driver.statistics().reconnects == 1
+
+
+async def test_a_half_open_connection_is_detected_by_request_deadlines(sim):
+    server = sim.servers["p"]
+    async with running(sim.line) as (driver, events):
+        server.stall()
+        lost = await events.connection(False, within=2)
+        assert "no answer to 2 requests in a row" in lost.reason
+        assert driver.statistics().errors >= 2
+        server.stall(False)
+        await events.connection(True)
+
+
+async def test_a_command_to_a_stalled_plc_fails_within_its_deadline(sim):
+    async with running(sim.line) as (driver, _):
+        sim.servers["p"].stall()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises((PlcTimeout, PlcConnectionLost), match="station 's1' slot 0"):
+            await driver.command("s1", 0, 1, Command.START, 1)
+        assert loop.time() - started <= sim.line.plcs["p"].timeout_s + 0.1
+
+
+async def test_cancelling_the_driver_mid_request_propagates(sim):
+    events = Events()
+    driver = ModbusDriver("p", sim.line.plcs["p"], stations_of(sim.line), events)
+    task = asyncio.create_task(driver.run())
+    async with asyncio.timeout(3):
+        await driver.wait_connected()
+    sim.servers["p"].stall()
+    sent = driver.statistics().requests
+    # A request sent from now on hangs (deadline 0.2 s): cancel while it does.
+    await eventually(lambda: driver.statistics().requests > sent, what="a request in flight")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(1):
+            await task
+    assert not driver.connected
+
+
+async def test_out_of_contract_values_are_reported_while_other_stations_keep_going(sim):
+    async with running(sim.line) as (driver, events):
+        await driver.command("s3", 0, 1, Command.START, 30)
+        await events.slot("s3", State.COMPLETE)
+        sim.station("s1").violate("state")
+        sim.station("s2").violate("unit")
+        sim.station("s3").violate("seq")
+        violations: dict[str, str] = {}
+        while len(violations) < 3:  # in whatever order the polls find them
+            event = await events.next(lambda e: isinstance(e, StationViolation), what="violation")
+            assert isinstance(event, StationViolation)
+            violations[event.station] = str(event.error)
+        port = sim.line.plcs["p"].port
+        where = f"plc 'p' (127.0.0.1:{port})"
+        state_register = 0 + HEADER_WORDS + S_STATE
+        assert violations["s1"] == (
+            f"{where} station 's1' slot 0: unknown state code 99 at register {state_register}"
+        )
+        assert violations["s2"].startswith(f"{where} station 's2' slot 0: unit {0x7000_0000}")
+        assert "neither there at connect nor commanded" in violations["s2"]
+        assert violations["s3"] == (
+            f"{where} station 's3' slot 0: echoed sequence number went back from 1 to 0 "
+            f"at register {48 + HEADER_WORDS + 6}"
+        )
+        # The other station still runs, and each violation was reported once.
+        await driver.command("slow", 0, 1, Command.START, 9)
+        await events.slot("slow", State.COMPLETE)
+        assert driver.connected
+        assert sum(isinstance(e, StationViolation) for e in events.seen) == 3
+
+
+FIFTY = line_of(
+    "\n".join(f"  s{i + 1}: {{plc: p, address: {i * 24}, cycle_s: 2.0}}" for i in range(50))
+)
+
+
+async def test_fifty_stations_share_one_connection_and_the_fewest_reads():
+    reads = plan_reads(stations_of(FIFTY))
+    # 50 blocks of 24 registers: five per read of <= 125 registers.
+    assert [(r.start, r.count, len(r.stations)) for r in reads] == [
+        (i * 120, 120, 5) for i in range(10)
+    ]
+    async with SimLine(FIFTY, free_ports=True, heartbeat_period_s=0.005) as sim:
+        server = sim.servers["p"]
+        async with running(sim.line) as (driver, events):
+            await driver.command("s50", 0, 1, Command.START, 50)
+            await events.slot("s50", State.COMPLETE)
+            polls_before = driver.polls_started
+            await eventually(lambda: driver.polls_started >= polls_before + 5, what="5 polls")
+            assert server.client_count == 1
+        assert server.connections_accepted == 1
+        # Every poll is ten reads; the one running when the driver stopped may be cut short.
+        polls, served = driver.polls_started, server.requests["read"] - 1  # minus the echo read
+        assert 10 * (polls - 1) < served <= 10 * polls
+
+
+async def test_a_command_while_disconnected_fails_at_once(sim):
+    server = sim.servers["p"]
+    async with running(sim.line) as (driver, events):
+        await server.stop()
+        await events.connection(False)
+        async with asyncio.timeout(0.05):
+            with pytest.raises(PlcConnectionLost, match="station 's1' slot 0: not connected"):
+                await driver.command("s1", 0, 1, Command.START, 1)
+
+
+async def test_a_refused_connection_hangs_nothing():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    line = line_of(
+        "  s1: {plc: p, address: 0, cycle_s: 2.0}", PLC.replace("port: 0", f"port: {port}")
+    )
+    async with running(line, connected=False) as (driver, events):
+        await eventually(
+            lambda: "refused" in driver.statistics().last_error, within=1, what="a refused connect"
+        )
+        async with asyncio.timeout(0.05):
+            with pytest.raises(PlcConnectionLost):
+                await driver.command("s1", 0, 1, Command.START, 1)
+        assert not driver.connected
+        assert events.seen == []
+
+
+def test_reads_bridge_gaps_but_never_exceed_125_registers():
+    line = line_of(
+        """
+  s1: {plc: p, address: 0, cycle_s: 1.0, capacity: 7}
+  s2: {plc: p, address: 120, cycle_s: 1.0}
+  s3: {plc: p, address: 144, cycle_s: 1.0}
+  s4: {plc: p, address: 1000, cycle_s: 1.0}
+"""
+    )
+    reads = plan_reads(stations_of(line))
+    assert [(r.start, r.count) for r in reads] == [(0, 120), (120, 48), (1000, 24)]
+    assert [tuple(n for n, _, _ in r.stations) for r in reads] == [("s1",), ("s2", "s3"), ("s4",)]
+    assert SLOT_WORDS * 7 + HEADER_WORDS == 120

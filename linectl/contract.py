@@ -150,7 +150,8 @@ def is_newer(seq: int, ack_seq: int) -> bool:
     The PLC evaluates a command only when this holds, so a repeated write (pymodbus re-sends
     after a timeout) or a stale one delivered late is never run; the numbers may wrap.
     """
-    return 0 < (seq - ack_seq) % (U32_MAX + 1) < 0x8000_0000
+    # 0 is never a command (a zeroed command area), whatever the arithmetic says.
+    return seq != 0 and 0 < (seq - ack_seq) % (U32_MAX + 1) < 0x8000_0000
 
 
 def command_words(seq: int, code: int, unit: int) -> list[int]:

@@ -119,6 +119,8 @@ class ModbusSimServer:
             ) from exc
         self._server = server
         self._bound_port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        # A restart (fault injection: the PLC rebooting) comes back on the same port.
+        self._want_port = self._bound_port
 
     def _bind_error(self) -> str:
         """pymodbus logs why listening failed and raises a bare RuntimeError: find out why."""

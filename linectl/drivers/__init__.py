@@ -1,0 +1,20 @@
+"""PLC drivers. ``make_driver`` picks the one for a PLC's protocol; nothing else names them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from linectl.config import ModbusPlc, OpcUaPlc, Station
+from linectl.drivers.base import EventSink, PlcDriver
+
+
+def make_driver(
+    name: str, config: ModbusPlc | OpcUaPlc, stations: Mapping[str, Station], sink: EventSink
+) -> PlcDriver:
+    if isinstance(config, ModbusPlc):
+        from linectl.drivers.modbus import ModbusDriver
+
+        return ModbusDriver(name, config, stations, sink)
+    from linectl.drivers.opcua import OpcUaDriver
+
+    return OpcUaDriver(name, config, stations, sink)

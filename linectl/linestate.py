@@ -1,0 +1,228 @@
+"""What the supervisor knows of the line: units, their tokens, stations and their slots.
+
+Plain data with the bookkeeping that goes with it (time per condition, EWMA cycle times), and
+the frozen statistics that metrics and ``linectl compare`` read. No I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from linectl.config import Station
+from linectl.contract import SlotStatus, State, is_newer
+from linectl.flow import ForkNode, Node
+from linectl.histogram import Histogram, HistogramSnapshot
+
+
+class Condition(StrEnum):
+    """Why a station is (not) working, in the words of the shop floor."""
+
+    WORKING = "working"  # a slot executes a unit
+    BLOCKED = "blocked"  # done with a unit that cannot move on
+    STARVED = "starved"  # nothing to do
+    FAULTED = "faulted"  # a slot is Aborted, or the PLC broke the contract
+    DISCONNECTED = "disconnected"  # its PLC is unreachable
+    OUT_OF_SERVICE = "out_of_service"  # taken out by the operator and empty
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"  # wants to enter ``target`` (may still hold the slot it finished in)
+    COMMANDED = "commanded"  # START written or being written to ``slot``
+    RUNNING = "running"  # the PLC accepted and works on it
+    DONE = "done"  # finished at ``slot``; moving on when there is room
+
+
+@dataclass(eq=False)
+class Unit:
+    id: int
+    serial: str
+    released_at: float
+    status: str = "in_line"  # in_line | finished | quarantined
+    tokens: list[Token] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)  # station -> tries so far
+    joins: dict[int, int] = field(default_factory=dict)  # id(fork) -> branches done
+    branches: dict[str, int] = field(default_factory=dict)  # route path -> branch taken
+    resume: int = 0  # top-level flow step to restart from when released from quarantine
+    reason: str = ""
+    finished_at: float | None = None
+
+    @property
+    def branch_label(self) -> str:
+        return ",".join(f"{path}={b}" for path, b in self.branches.items())
+
+
+@dataclass(eq=False)
+class Token:
+    """One unit's presence in one branch of the flow."""
+
+    unit: Unit
+    target: Node | None  # where it wants to go next (None while it works at a station)
+    phase: Phase = Phase.WAITING
+    slot: Slot | None = None  # the slot it occupies (working, done, or blocked in)
+    seq: int = 0  # sequence number of its START on ``slot``
+    station: str = ""  # station of ``slot``
+    attempt: int = 0
+    done_at: float = 0.0  # when the PLC reported it done (handover latency starts here)
+    forks: tuple[ForkNode, ...] = ()  # the forks it is inside, innermost last
+    discard: bool = False  # its unit was quarantined: finish the cycle, then drop it
+
+
+@dataclass(eq=False)
+class Slot:
+    station: StationState
+    index: int
+    status: SlotStatus | None = None  # last status the PLC showed; None before the first read
+    occupant: Token | None = None
+    next_seq: int = 1
+    busy: bool = False  # a command to this slot is in flight
+    needs_reset: bool = False  # a RESET is owed (unit moved on, dropped, or fault cleared)
+    reset_at: float = 0.0  # not before this time (fault reset backoff)
+    executing_since: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.station.name}[{self.index}]"
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq = seq + 1 if seq < 0xFFFF_FFFF else 1
+        return seq
+
+    def seen(self, status: SlotStatus) -> None:
+        self.status = status
+        if status.ack_seq and not is_newer(self.next_seq, status.ack_seq):
+            self.next_seq = status.ack_seq + 1 if status.ack_seq < 0xFFFF_FFFF else 1
+
+
+@dataclass(eq=False)
+class StationState:
+    name: str
+    config: Station
+    plc: str
+    slots: list[Slot] = field(default_factory=list)
+    connected: bool = False
+    in_service: bool = True
+    violation: str = ""
+    consecutive_faults: int = 0
+    ewma_cycle_s: float = 0.0
+    condition: Condition = Condition.DISCONNECTED
+    since: float = 0.0
+    seconds: dict[Condition, float] = field(default_factory=lambda: dict.fromkeys(Condition, 0.0))
+    busy_slot_seconds: float = 0.0
+    cycle_hist: Histogram = field(default_factory=Histogram)
+    cycles: int = 0
+    passed: int = 0
+    rejected: int = 0
+    faults: int = 0
+    last_state: State = State.UNDEFINED
+
+    def __post_init__(self) -> None:
+        self.slots = [Slot(self, i) for i in range(self.config.capacity)]
+        self.ewma_cycle_s = self.config.cycle_s
+
+    @property
+    def faulted(self) -> bool:
+        return bool(self.violation) or any(
+            s.status is not None and s.status.state == State.ABORTED for s in self.slots
+        )
+
+    @property
+    def available(self) -> bool:
+        """May take new work (room aside)."""
+        return self.connected and self.in_service and not self.faulted
+
+    def free_slot(self) -> Slot | None:
+        if not self.available:
+            return None
+        for slot in self.slots:
+            if (
+                slot.occupant is None
+                and not slot.busy
+                and not slot.needs_reset
+                and slot.status is not None
+                and slot.status.state == State.IDLE
+            ):
+                return slot
+        return None
+
+    def load(self) -> int:
+        return sum(1 for s in self.slots if s.occupant is not None)
+
+    def observe_cycle(self, seconds: float, alpha: float = 0.2) -> None:
+        self.ewma_cycle_s += alpha * (seconds - self.ewma_cycle_s)
+
+    def classify(self) -> Condition:
+        if not self.connected:
+            return Condition.DISCONNECTED
+        if self.faulted:
+            return Condition.FAULTED
+        phases = {s.occupant.phase for s in self.slots if s.occupant is not None}
+        if Phase.RUNNING in phases or Phase.COMMANDED in phases:
+            return Condition.WORKING
+        if phases:
+            return Condition.BLOCKED
+        return Condition.STARVED if self.in_service else Condition.OUT_OF_SERVICE
+
+    def account(self, now: float) -> None:
+        """Charge the time since the last change to the current condition, then re-classify."""
+        self.seconds[self.condition] += now - self.since
+        for slot in self.slots:
+            if slot.executing_since is not None:
+                self.busy_slot_seconds += now - max(slot.executing_since, self.since)
+        self.since = now
+        self.condition = self.classify()
+        for slot in self.slots:
+            running = slot.occupant is not None and slot.occupant.phase == Phase.RUNNING
+            if running and slot.executing_since is None:
+                slot.executing_since = now
+            elif not running:
+                slot.executing_since = None
+
+
+@dataclass(frozen=True, slots=True)
+class StationStatistics:
+    name: str
+    plc: str
+    condition: Condition
+    state: State  # PackML state of slot 0 (the station's state when capacity is 1)
+    seconds: dict[Condition, float]
+    utilization: float  # busy slot-time / (capacity x time observed)
+    cycles: int
+    passed: int
+    rejected: int
+    faults: int
+    cycle_s: float  # nominal
+    ewma_cycle_s: float  # measured
+    capacity: int
+    load: int
+    connected: bool
+    in_service: bool
+    cycle_seconds: HistogramSnapshot  # the PLC's measured cycle times, in wall seconds
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorStatistics:
+    line: str
+    elapsed_s: float
+    released: int
+    finished: int
+    rejected: int
+    quarantined: int
+    wip: int
+    paused: bool
+    stations: dict[str, StationStatistics]
+    finish_times: tuple[float, ...]  # seconds since start at which each unit finished
+    lead_times: tuple[float, ...]  # of finished units, in finish order
+    handovers: tuple[float, ...]  # recent station-done -> next-START-confirmed latencies
+    lead_seconds: HistogramSnapshot
+    handover_seconds: HistogramSnapshot
+    quarantined_total: int  # every quarantining, including units later released back
+
+
+class Recent(deque[float]):
+    """The last ``maxlen`` observations, for percentiles without unbounded memory."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        super().__init__(maxlen=maxlen)

@@ -1,0 +1,64 @@
+"""Run a supervisor against the bundled simulators, with the invariants checked at every event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from linectl.config import Line, parse_config
+from linectl.supervisor import Supervisor
+from simulators.runner import SimLine
+
+
+@dataclass
+class Running:
+    sim: SimLine
+    sup: Supervisor
+    task: asyncio.Task[None]
+
+    async def wait_finished(self, n: int, within: float = 20.0) -> None:
+        from tests.helpers import eventually
+
+        await eventually(
+            lambda: self.sup.finished + len(self.sup.quarantined) >= n or self.task.done(),
+            within=within,
+            what=f"{n} units finished or quarantined",
+        )
+        if self.task.done():
+            self.task.result()  # surface a crash of the supervisor
+
+
+@contextlib.asynccontextmanager
+async def running_line(line: Line | str, **supervisor_args) -> AsyncIterator[Running]:
+    if isinstance(line, str):
+        line = parse_config(line)
+    async with SimLine(line, free_ports=True, heartbeat_period_s=0.05) as sim:
+        sup = Supervisor(sim.line, **supervisor_args)
+        sup.on_event = sup.check_invariants
+        task = asyncio.create_task(sup.run(), name="supervisor")
+        try:
+            yield Running(sim, sup, task)
+        finally:
+            sup.stop()
+            async with asyncio.timeout(15):
+                await task
+
+
+async def run_to_completion(line: Line | str, *, within: float = 30.0, **supervisor_args):
+    """Run until ``release.count`` units are finished or quarantined; return sim and supervisor."""
+    if isinstance(line, str):
+        line = parse_config(line)
+    async with SimLine(line, free_ports=True, heartbeat_period_s=0.05) as sim:
+        sup = Supervisor(sim.line, exit_when_done=True, **supervisor_args)
+        sup.on_event = sup.check_invariants
+        async with asyncio.timeout(within):
+            await sup.run()
+        return sim, sup
+
+
+def steady_interval(finish_times: tuple[float, ...], skip: int) -> float:
+    """Mean time between finished units after the first ``skip`` (the line filling up)."""
+    times = finish_times[skip:]
+    return (times[-1] - times[0]) / (len(times) - 1)

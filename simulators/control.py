@@ -4,38 +4,26 @@
 ``ControlServer`` on 127.0.0.1 through which tests and demos in another process inject faults
 and read the stations' counters. docs/simulators.md describes the routes.
 
-The HTTP side is deliberately tiny (HTTP/1.1, JSON bodies with Content-Length, one request per
-connection) so that it needs nothing beyond asyncio streams. ``ControlServer.respond`` is a
-plain function of (method, path, body), tested without sockets.
+The HTTP side is linectl.httpd's small server (HTTP/1.1, JSON bodies with Content-Length, one
+request per connection); each route here is a plain function of the request's JSON object.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import difflib
-import json
 import signal
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from linectl.config import Line
+from linectl.httpd import Handler, HttpError, HttpServer, Request, Response, json_response
 from simulators.runner import SimLine
 from simulators.station import SimStation
 
-MAX_BODY = 64 * 1024  # a control request is a few dozen bytes
-MAX_HEADERS = 100
-REQUEST_TIMEOUT_S = 10.0  # a client that opens a connection and sends nothing is dropped
 VIOLATIONS = ("state", "unit", "seq")
 
 Reply = tuple[int, dict[str, Any]]
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
@@ -43,16 +31,13 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-class ControlServer:
+class ControlServer(HttpServer):
     """HTTP/1.1 JSON control of a running ``SimLine``, bound to 127.0.0.1 only."""
 
     def __init__(self, sim: SimLine, port: int = 0) -> None:
+        super().__init__("127.0.0.1", port, name="control interface")
         self.sim = sim
-        self._want_port = port
-        self._server: asyncio.Server | None = None
-        # The connection handlers asyncio starts for us, with their streams; stop() ends them.
-        self._clients: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-        self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
+        routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
             ("GET", "/"): self._index,
             ("GET", "/counters"): self._counters,
             ("POST", "/fault"): self._fault,
@@ -60,99 +45,12 @@ class ControlServer:
             ("POST", "/drop"): self._drop,
             ("POST", "/violate"): self._violate,
         }
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            return 0
-        return self._server.sockets[0].getsockname()[1]
-
-    @property
-    def connection_count(self) -> int:
-        """Client connections being served right now."""
-        return len(self._clients)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(
-                self._handle, "127.0.0.1", self._want_port, limit=MAX_BODY
-            )
-        except OSError as exc:
-            raise OSError(
-                f"control interface: cannot listen on 127.0.0.1:{self._want_port}: {exc}"
-            ) from exc
-
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        # Closing a handler's connection ends its read with EOF, so it finishes on its own.
-        # (Cancelling it instead makes Python 3.11's stream callback log the CancelledError.)
-        for writer in self._clients.values():
-            writer.close()
-        handlers = list(self._clients)
-        if handlers:
-            await asyncio.wait(handlers)
-        await server.wait_closed()
+        for (method, path), route in routes.items():
+            self.route(method, path, _json_route(route))
 
     async def __aenter__(self) -> ControlServer:
         await self.start()
         return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    # --- HTTP ---------------------------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._server is None:  # accepted just before stop(): do not outlive it
-            writer.close()
-            return
-        self._clients[task] = writer
-        try:
-            try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    method, path, body = await _read_request(reader)
-                status, reply = self.respond(method, path, body)
-            except _HttpError as exc:
-                status, reply = exc.status, {"error": str(exc)}
-            except TimeoutError:
-                status, reply = 408, {"error": f"no complete request within {REQUEST_TIMEOUT_S} s"}
-            writer.write(_response(status, reply))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nobody is left to tell
-        finally:
-            self._clients.pop(task, None)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    def respond(self, method: str, path: str, body: bytes) -> Reply:
-        """The reply to one request: (HTTP status, JSON object)."""
-        route = self.routes.get((method, path))
-        if route is None:
-            allowed = sorted(m for m, p in self.routes if p == path)
-            if allowed:
-                return 405, {"error": f"{method} {path}: method not allowed; use {allowed[0]}"}
-            return 404, {"error": f"no route {method} {path}", "routes": self._route_names()}
-        try:
-            args = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return 400, {"error": f"{method} {path}: body is not JSON: {exc}"}
-        if not isinstance(args, dict):
-            return 400, {"error": f"{method} {path}: body must be a JSON object"}
-        try:
-            return route(args)
-        except _HttpError as exc:
-            return exc.status, {"error": f"{method} {path}: {exc}"}
 
     def _route_names(self) -> list[str]:
         return [f"{m} {p}" for m, p in self.routes]
@@ -204,7 +102,7 @@ class ControlServer:
         name = self._plc_name(args)
         frozen = args.get("frozen", True)
         if not isinstance(frozen, bool):
-            raise _HttpError(400, f"'frozen' must be true or false, not {frozen!r}")
+            raise HttpError(400, f"'frozen' must be true or false, not {frozen!r}")
         plc = self.sim.plcs[name]
         plc.freeze_heartbeat(frozen)
         return 200, {"plc": name, "frozen": frozen, "heartbeat": plc.heartbeat}
@@ -218,7 +116,7 @@ class ControlServer:
         station, slot = self._slot(args)
         kind = args.get("kind")
         if kind not in VIOLATIONS:
-            raise _HttpError(400, f"'kind' must be one of {', '.join(VIOLATIONS)}, not {kind!r}")
+            raise HttpError(400, f"'kind' must be one of {', '.join(VIOLATIONS)}, not {kind!r}")
         station.violate(kind, slot)
         status = station.status(slot)
         return 200, {
@@ -235,10 +133,10 @@ class ControlServer:
     def _plc_name(self, args: dict[str, Any]) -> str:
         name = args.get("plc")
         if not isinstance(name, str):
-            raise _HttpError(400, "'plc' (the PLC's name in the config) is required")
+            raise HttpError(400, "'plc' (the PLC's name in the config) is required")
         if name not in self.sim.plcs:
             known = sorted(self.sim.plcs)
-            raise _HttpError(
+            raise HttpError(
                 404,
                 f"unknown plc '{name}'{_did_you_mean(name, known)}; plcs: {', '.join(known)}",
             )
@@ -247,10 +145,10 @@ class ControlServer:
     def _slot(self, args: dict[str, Any]) -> tuple[SimStation, int]:
         name = args.get("station")
         if not isinstance(name, str):
-            raise _HttpError(400, "'station' (the station's name in the config) is required")
+            raise HttpError(400, "'station' (the station's name in the config) is required")
         if name not in self.sim.config.stations:
             known = sorted(self.sim.config.stations)
-            raise _HttpError(
+            raise HttpError(
                 404,
                 f"unknown station '{name}'{_did_you_mean(name, known)}; "
                 f"stations: {', '.join(known)}",
@@ -267,55 +165,18 @@ def _int(args: dict[str, Any], key: str, default: int | None, lo: int, hi: int) 
         return None
     # bool is an int in Python, but "slot": true is a mistake, not slot 1.
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise _HttpError(400, f"'{key}' must be an integer in {lo}..{hi}, not {value!r}")
+        raise HttpError(400, f"'{key}' must be an integer in {lo}..{hi}, not {value!r}")
     return value
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
-    try:
-        request_line = (await reader.readuntil(b"\r\n")).decode("latin-1").rstrip("\r\n")
-    except asyncio.LimitOverrunError:
-        raise _HttpError(414, "request line too long") from None
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _HttpError(400, f"not an HTTP/1.x request line: {request_line[:80]!r}")
-    method, target, _version = parts
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        try:
-            line = (await reader.readuntil(b"\r\n")).decode("latin-1").rstrip("\r\n")
-        except asyncio.LimitOverrunError:
-            raise _HttpError(431, "header line too long") from None
-        if not line:
-            break
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _HttpError(400, f"malformed header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise _HttpError(431, f"more than {MAX_HEADERS} header lines")
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise _HttpError(411, "chunked bodies are not supported; send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise _HttpError(400, "Content-Length is not a number") from None
-    if not 0 <= length <= MAX_BODY:
-        raise _HttpError(413, f"body of {length} bytes; at most {MAX_BODY}")
-    body = await reader.readexactly(length)
-    return method, target.split("?", 1)[0], body
+def _json_route(route: Callable[[dict[str, Any]], Reply]) -> Handler:
+    """A handler of the JSON-object body that answers ``route``'s (status, JSON object)."""
 
+    async def handler(request: Request) -> Response:
+        status, reply = route(request.json())
+        return json_response(reply, status)
 
-def _response(status: int, reply: dict[str, Any]) -> bytes:
-    body = json.dumps(reply, indent=1).encode() + b"\n"
-    reason = HTTPStatus(status).phrase
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    return handler
 
 
 # --- the process ----------------------------------------------------------------------------

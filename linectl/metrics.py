@@ -1,0 +1,365 @@
+"""Prometheus metrics of a running line, read from the supervisor's ``statistics()`` at scrape
+time, and the in-loop HTTP endpoint that serves them.
+
+Nothing here runs on the dispatch path: the supervisor keeps plain counters and histograms, and
+``LineCollector.collect`` turns one ``statistics()`` snapshot (plus the drivers') into metric
+families when Prometheus asks. docs/metrics.md lists every metric, the OEE definitions and the
+label choices. This is the only module that imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from linectl.analysis import Analysis, analyze
+from linectl.config import Line
+from linectl.histogram import HistogramSnapshot
+from linectl.httpd import HttpServer, Request, Response
+from linectl.linestate import Condition, StationStatistics, SupervisorStatistics
+
+PREFIX = "linectl_"
+# generate_latest writes the classic text format; newer clients' CONTENT_TYPE_LATEST names
+# version 1.0.0, which Prometheus before 3.0 does not know. Every metric name here is a legacy
+# name, so the two formats are the same bytes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# linectl_station_condition's values. The order is the dashboard's legend; never renumber.
+CONDITION_CODES = {
+    Condition.WORKING: 0,
+    Condition.STARVED: 1,
+    Condition.BLOCKED: 2,
+    Condition.FAULTED: 3,
+    Condition.DISCONNECTED: 4,
+    Condition.OUT_OF_SERVICE: 5,
+}
+DOWN = (Condition.FAULTED, Condition.DISCONNECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Oee:
+    """OEE = availability × performance × quality; each factor 0 until there is time to judge."""
+
+    availability: float
+    performance: float
+    quality: float
+
+    @property
+    def oee(self) -> float:
+        return self.availability * self.performance * self.quality
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 0.0
+
+
+def station_oee(st: StationStatistics, time_scale: float) -> Oee:
+    """One station's OEE since the supervisor started (docs/metrics.md, "OEE").
+
+    Planned time is the time in service; faulted and disconnected time are the availability
+    loss; starved and blocked time stay in run time, so they are a performance loss.
+    """
+    planned = sum(st.seconds.values()) - st.seconds[Condition.OUT_OF_SERVICE]
+    run = planned - sum(st.seconds[c] for c in DOWN)
+    total = st.passed + st.rejected
+    ideal = st.cycle_s * time_scale / st.capacity  # wall seconds per unit at nominal speed
+    return Oee(
+        availability=_ratio(run, planned),
+        performance=_ratio(ideal * total, run),
+        quality=_ratio(st.passed, total),
+    )
+
+
+def constraint_of(analysis: Analysis) -> str:
+    """The station that paces the line: the highest predicted utilization (first on a tie)."""
+    return max(analysis.stations, key=lambda name: analysis.stations[name].utilization)
+
+
+def line_oee(stats: SupervisorStatistics, analysis: Analysis, time_scale: float) -> Oee:
+    """The line's OEE since the supervisor started: measured against the predicted interval.
+
+    Planned time is the time since start; the line is down while its constraint station is
+    faulted, disconnected or out of service. Performance compares units that left the line
+    (finished or rejected) with what the predicted interval allows in the run time; quality is
+    finished / (finished + rejected). So OEE = finished × predicted interval / planned time.
+    """
+    planned = stats.elapsed_s
+    constraint = stats.stations[constraint_of(analysis)]
+    down = sum(constraint.seconds[c] for c in (*DOWN, Condition.OUT_OF_SERVICE))
+    run = planned - down
+    total = stats.finished + stats.rejected
+    return Oee(
+        availability=_ratio(run, planned),
+        performance=_ratio(analysis.interval_s * time_scale * total, run),
+        quality=_ratio(stats.finished, total),
+    )
+
+
+def cumulative_buckets(snap: HistogramSnapshot) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative, ending in +Inf) from per-bucket counts."""
+    bounds = [*(repr(float(b)) for b in snap.buckets), "+Inf"]
+    out, running = [], 0
+    for le, count in zip(bounds, snap.counts, strict=True):
+        running += count
+        out.append((le, float(running)))
+    return out
+
+
+class LineCollector(Collector):
+    """Turns ``supervisor.statistics()`` and ``driver_statistics()`` into metric families.
+
+    ``collect`` must run on the supervisor's event loop thread (it reads the loop's clock).
+    """
+
+    def __init__(self, supervisor: Any, line: Line) -> None:
+        self.supervisor = supervisor
+        self.line = line
+        self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
+
+    def describe(self) -> Iterable[Metric]:
+        # Without this, registering would call collect() off the loop to learn the names.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats: SupervisorStatistics = self.supervisor.statistics()
+        drivers = self.supervisor.driver_statistics()
+        yield from self._line(stats)
+        yield from self._stations(stats)
+        yield from self._plcs(stats.line, drivers)
+
+    def _line(self, stats: SupervisorStatistics) -> Iterator[Metric]:
+        line, scale, a = stats.line, self.line.time_scale, self.analysis
+        labels = ["line"]
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            m = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            m.add_metric([line], value)
+            return m
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            m = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            m.add_metric([line], value)
+            return m
+
+        yield counter("units_released", "Units released into the line.", stats.released)
+        yield counter("units_finished", "Units that left the line finished.", stats.finished)
+        yield counter(
+            "units_rejected", "Units a station rejected (then quarantined).", stats.rejected
+        )
+        yield counter(
+            "units_quarantined",
+            "Quarantinings, including units later released back into the line.",
+            stats.quarantined_total,
+        )
+        yield gauge("quarantine_units", "Units in quarantine now.", stats.quarantined)
+        yield gauge("wip_units", "Units in the line now (work in process).", stats.wip)
+        yield gauge("paused", "1 while release is paused by the operator.", int(stats.paused))
+        yield gauge("uptime_seconds", "Seconds since the supervisor started.", stats.elapsed_s)
+        yield gauge("time_scale", "Wall seconds per config second.", scale)
+
+        yield gauge(
+            "predicted_interval_seconds",
+            "Predicted time between finished units at nominal cycle times, in wall seconds.",
+            a.interval_s * scale,
+        )
+        yield gauge(
+            "predicted_throughput_units_per_second",
+            "Predicted finished units per wall second at nominal cycle times.",
+            1 / (a.interval_s * scale),
+        )
+        yield gauge(
+            "predicted_lead_time_seconds",
+            "Predicted time one unit spends in an empty line, in wall seconds.",
+            a.lead_time_s * scale,
+        )
+
+        oee = line_oee(stats, a, scale)
+        yield gauge("line_oee_ratio", "Line OEE since start (docs/metrics.md).", oee.oee)
+        yield gauge("line_availability_ratio", "Line OEE availability factor.", oee.availability)
+        yield gauge("line_performance_ratio", "Line OEE performance factor.", oee.performance)
+        yield gauge("line_quality_ratio", "Line OEE quality factor.", oee.quality)
+
+        yield _histogram(
+            "unit_lead_time_seconds",
+            "Time from release to finish of each finished unit.",
+            labels,
+            [([line], stats.lead_seconds)],
+        )
+        yield _histogram(
+            "handover_seconds",
+            "Time from a station reporting a unit done to the next station confirming its START.",
+            labels,
+            [([line], stats.handover_seconds)],
+        )
+
+    def _stations(self, stats: SupervisorStatistics) -> Iterator[Metric]:
+        line, scale = stats.line, self.line.time_scale
+        labels = ["line", "station"]
+        rows = list(stats.stations.values())
+
+        def family(kind: type, name: str, doc: str, value: Any) -> Metric:
+            m = kind(PREFIX + name, doc, labels=labels)
+            for st in rows:
+                m.add_metric([line, st.name], float(value(st)))
+            return m
+
+        G, C = GaugeMetricFamily, CounterMetricFamily
+        yield family(G, "station_state", "PackML state code of slot 0.", lambda s: int(s.state))
+        yield family(
+            G,
+            "station_condition",
+            "0 working, 1 starved, 2 blocked, 3 faulted, 4 disconnected, 5 out of service.",
+            lambda s: CONDITION_CODES[s.condition],
+        )
+        for cond in Condition:
+            yield family(
+                C,
+                f"station_{cond.value}_seconds",
+                f"Seconds the station spent {cond.value.replace('_', ' ')}.",
+                lambda s, c=cond: s.seconds[c],
+            )
+        yield family(
+            C,
+            "station_busy_seconds",
+            "Slot-seconds spent executing a unit (divide by capacity for utilization).",
+            lambda s: s.utilization * s.capacity * stats.elapsed_s,
+        )
+        yield family(G, "station_capacity_units", "Units in process at once.", lambda s: s.capacity)
+        yield family(G, "station_load_units", "Units the station holds now.", lambda s: s.load)
+        yield family(G, "station_connected", "1 while its PLC is connected.", lambda s: s.connected)
+        yield family(
+            G, "station_in_service", "0 when taken out of service.", lambda s: s.in_service
+        )
+        yield family(
+            G,
+            "station_utilization_ratio",
+            "Busy slot-time / (capacity × time) since start.",
+            lambda s: s.utilization,
+        )
+        predicted = self.analysis.stations
+        yield family(
+            G,
+            "station_predicted_utilization_ratio",
+            "Utilization the flow analysis predicts at the line's throughput.",
+            lambda s: predicted[s.name].utilization if s.name in predicted else 0.0,
+        )
+        yield family(
+            G,
+            "station_ideal_cycle_seconds",
+            "Nominal cycle_s × time_scale / capacity: wall seconds per unit at full speed.",
+            lambda s: s.cycle_s * scale / s.capacity,
+        )
+
+        cycles = CounterMetricFamily(
+            PREFIX + "station_cycles",
+            "Cycles ended, by result: pass, reject, or fault (Aborted).",
+            labels=[*labels, "result"],
+        )
+        for st in rows:
+            for result, n in (("pass", st.passed), ("reject", st.rejected), ("fault", st.faults)):
+                cycles.add_metric([line, st.name, result], n)
+        yield cycles
+
+        yield _histogram(
+            "station_cycle_seconds",
+            "Cycle times the PLC measured, in wall seconds.",
+            labels,
+            [([line, st.name], st.cycle_seconds) for st in rows],
+        )
+
+        factors = {st.name: station_oee(st, scale) for st in rows}
+        for name, doc, pick in (
+            ("station_oee_ratio", "Station OEE since start.", lambda o: o.oee),
+            ("station_availability_ratio", "Station OEE availability.", lambda o: o.availability),
+            ("station_performance_ratio", "Station OEE performance.", lambda o: o.performance),
+            ("station_quality_ratio", "Station OEE quality.", lambda o: o.quality),
+        ):
+            yield family(G, name, doc, lambda s, pick=pick: pick(factors[s.name]))
+
+    def _plcs(self, line: str, drivers: list[Any]) -> Iterator[Metric]:
+        # ``plc`` is a label here, beside line/station/branch/result: see docs/metrics.md.
+        labels = ["line", "plc"]
+        families = {
+            "connected": GaugeMetricFamily(
+                PREFIX + "plc_connected", "1 while the PLC is connected.", labels=labels
+            ),
+            "errors": CounterMetricFamily(
+                PREFIX + "plc_request_errors",
+                "Requests that failed (timeout, exception response, lost connection).",
+                labels=labels,
+            ),
+            "reconnects": CounterMetricFamily(
+                PREFIX + "plc_reconnects", "Successful connects after the first.", labels=labels
+            ),
+            "notifications": CounterMetricFamily(
+                PREFIX + "plc_notifications", "OPC UA data changes received.", labels=labels
+            ),
+        }
+        latency = SummaryMetricFamily(
+            PREFIX + "plc_request_seconds",
+            "Latency of requests to the PLC (reads, writes, calls).",
+            labels=labels,
+        )
+        for d in drivers:
+            key = [line, d.plc]
+            families["connected"].add_metric(key, int(d.connected))
+            families["errors"].add_metric(key, d.errors)
+            families["reconnects"].add_metric(key, d.reconnects)
+            families["notifications"].add_metric(key, d.notifications)
+            latency.add_metric(key, count_value=d.requests, sum_value=d.request_seconds_total)
+        yield from families.values()
+        yield latency
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], rows: list[tuple[list[str], HistogramSnapshot]]
+) -> HistogramMetricFamily:
+    m = HistogramMetricFamily(PREFIX + name, doc, labels=labels)
+    for values, snap in rows:
+        m.add_metric(values, cumulative_buckets(snap), snap.sum)
+    return m
+
+
+class MetricsServer(HttpServer):
+    """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
+
+    def __init__(self, supervisor: Any, line: Line, host: str, port: int) -> None:
+        super().__init__(host, port, name="metrics")
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = LineCollector(supervisor, line)
+        self.registry.register(self.collector)
+        self.route("GET", "/metrics", self._metrics)
+
+    async def _metrics(self, _request: Request) -> Response:
+        # Synchronous on purpose: statistics() is read on the loop's thread, between events.
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE)
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+
+async def serve_metrics(
+    supervisor: Any, line: Line, host: str | None = None, port: int | None = None
+) -> MetricsServer:
+    """Start serving ``GET /metrics`` on ``line.metrics`` (or ``host``/``port``; port 0 picks a
+    free one, see ``.port``). ``await server.stop()`` ends it."""
+    server = MetricsServer(
+        supervisor,
+        line,
+        line.metrics.host if host is None else host,
+        line.metrics.port if port is None else port,
+    )
+    await server.start()
+    return server

@@ -300,6 +300,149 @@ def sim_command(
         raise typer.Exit(1) from None
 
 
+def _logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # asyncua and pymodbus narrate every reconnect; our drivers log transitions once.
+    for noisy in ("asyncua", "pymodbus"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+
+
+@app.command("run")
+def run_command(
+    config: ConfigArg,
+    db: Annotated[str | None, typer.Option(help="Database URL (default: the config's).")] = None,
+    status: Annotated[bool, typer.Option(help="Show the live status board.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the supervisor against the PLCs in CONFIG until Ctrl-C or SIGTERM."""
+    import asyncio
+
+    from linectl.app import run_line
+    from linectl.status import live_status
+
+    try:
+        line = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+    _logging(verbose)
+
+    def ready(_sup, where: list[str]) -> None:
+        typer.echo(f"linectl: running line '{line.line}'; " + "; ".join(where), err=True)
+
+    try:
+        asyncio.run(
+            run_line(
+                line,
+                db_url=db,
+                on_ready=ready,
+                status=live_status if status else None,
+                exit_when_done=line.release.count is not None,
+            )
+        )
+    except LinectlError as exc:
+        _fail(exc)
+
+
+@app.command("demo")
+def demo_command(
+    config: Annotated[Path, typer.Argument(help="Line config.")] = Path("config/demo.yaml"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Simulated PLCs, the supervisor and the metrics endpoint in one command, on embedded
+    SQLite, with a live status board. Ctrl-C stops it cleanly."""
+    import asyncio
+    import logging
+
+    from linectl.app import demo_db, run_line
+    from linectl.status import live_status
+    from simulators.runner import SimLine
+
+    try:
+        line = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+    _logging(verbose)
+    if not verbose:  # the board is the output; keep warnings, drop the chatter
+        logging.getLogger().setLevel(logging.WARNING)
+
+    async def demo() -> None:
+        async with SimLine(line) as sim:
+
+            def ready(_sup, where: list[str]) -> None:
+                typer.echo("linectl demo: " + "; ".join(where) + f"; trace db {demo_db(line)}")
+
+            await run_line(sim.line, db_url=demo_db(line), on_ready=ready, status=live_status)
+
+    try:
+        asyncio.run(demo())
+    except LinectlError as exc:
+        _fail(exc)
+    except OSError as exc:
+        typer.echo(f"linectl demo: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+CTL_ACTIONS = {
+    "status": ("GET", "/status", None),
+    "quarantine": ("GET", "/quarantine", None),
+    "pause": ("POST", "/pause", None),
+    "resume": ("POST", "/resume", None),
+    "drain": ("POST", "/station", lambda a: {"station": a, "in_service": False}),
+    "restore": ("POST", "/station", lambda a: {"station": a, "in_service": True}),
+    "drain-branch": ("POST", "/branch", lambda a: {"station": a, "in_service": False}),
+    "restore-branch": ("POST", "/branch", lambda a: {"station": a, "in_service": True}),
+    "release": ("POST", "/release", lambda a: {"serial": a}),
+}
+
+
+@app.command("ctl")
+def ctl_command(
+    config: ConfigArg,
+    action: Annotated[str, typer.Argument(help=" | ".join(CTL_ACTIONS))],
+    target: Annotated[str | None, typer.Argument(help="Station or unit serial.")] = None,
+) -> None:
+    """Steer a running supervisor: drain/restore a station or its route branch, pause/resume
+    release, release a quarantined unit. Talks to its operator API (config `api`)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from linectl.api import TOKEN_ENV
+
+    try:
+        line = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+    if action not in CTL_ACTIONS:
+        typer.echo(f"unknown action '{action}'; use one of: {', '.join(CTL_ACTIONS)}", err=True)
+        raise typer.Exit(2)
+    method, path, body_of = CTL_ACTIONS[action]
+    if body_of is not None and not target:
+        typer.echo(f"'{action}' needs a station or serial", err=True)
+        raise typer.Exit(2)
+    url = f"http://{line.api.host}:{line.api.port}{path}"
+    data = json.dumps(body_of(target)).encode() if body_of else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if os.environ.get(TOKEN_ENV):
+        request.add_header("Authorization", f"Bearer {os.environ[TOKEN_ENV]}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            typer.echo(reply.read().decode().rstrip())
+    except urllib.error.HTTPError as exc:
+        typer.echo(f"{url}: {exc.code}: {exc.read().decode().strip()}", err=True)
+        raise typer.Exit(1) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        typer.echo(f"{url}: no supervisor answering ({reason}); is `linectl run` going?", err=True)
+        raise typer.Exit(1) from exc
+
+
 def main() -> None:
     app()
 

@@ -1,8 +1,9 @@
 """The supervisor's ordered record of what happened, written to the trace store if there is one.
 
 The dispatcher calls these methods from plain (non-async) code, so each write is appended to an
-in-order queue that one task hands to the store. Only the write-ahead intent of a step is
-awaited: it must be durable before the PLC is commanded. Waiting intents share one commit.
+in-order queue that one task hands to the store. Two things wait for durability: a step's
+write-ahead intent (before its START) and a RESET (before the PLC forgets a unit's result).
+Everything waiting at the same moment shares one commit.
 
 The queue needs no capacity of its own: every entry belongs to a step, and steps are throttled
 by the awaited intents, so the queue can only grow as fast as the store commits.
@@ -27,10 +28,10 @@ class Journal:
     def __init__(self, store: Any | None = None) -> None:
         self.store = store
         self._queue: deque[tuple[str, tuple[Any, ...]]] = deque()
-        self._intents: list[asyncio.Future[None]] = []
+        self._queued = 0  # writes ever queued
+        self._committed = 0  # writes known durable
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (write number, future)
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._failed: BaseException | None = None
 
     async def next_unit_id(self) -> int:
@@ -42,41 +43,61 @@ class Journal:
         if self._failed is not None:
             raise self._failed
         self._queue.append((kind, args))
-        self._idle.clear()
+        self._queued += 1
         self._wake.set()
 
     async def run(self) -> None:
         """Hand queued writes to the store, in order, until cancelled."""
         if self.store is None:
             await asyncio.Event().wait()
+        handed = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
-            intents, self._intents = self._intents, []
             try:
                 while self._queue:
                     kind, args = self._queue.popleft()
                     await getattr(self.store, kind)(*args)
-                if intents:
-                    await self.store.flush()  # one commit makes every queued intent durable
+                    handed += 1
+                if self._waiters:
+                    # One commit makes every write handed over so far durable: intents and
+                    # syncs that arrived meanwhile share it.
+                    await self.store.flush()
+                    self._committed = handed
             except Exception as exc:  # a store failure must reach every waiter, not vanish
                 self._failed = exc
-                for fut in intents:
+                for _, fut in self._waiters:
                     if not fut.done():
                         fut.set_exception(exc)
                 raise
-            for fut in intents:
-                if not fut.done():
-                    fut.set_result(None)
-            if not self._queue and not self._intents:
-                self._idle.set()
+            still = []
+            for number, fut in self._waiters:
+                if number <= self._committed:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((number, fut))
+            self._waiters = still
+            if still:
+                self._wake.set()
+
+    async def sync(self) -> None:
+        """Return once every write queued so far is durable (needs ``run`` going)."""
+        if self.store is None or self._committed >= self._queued:
+            return
+        if self._failed is not None:
+            raise self._failed
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._queued, fut))
+        self._wake.set()
+        await fut
 
     async def flush(self) -> None:
-        """Wait until everything journalled so far is committed (needs ``run`` going)."""
+        """Wait until everything journalled so far is committed."""
         if self.store is None:
             return
-        if self._queue or self._intents:
-            await self._idle.wait()
+        if self._queue or self._waiters:
+            await self.sync()
         await self.store.flush()
 
     # --- the writes -----------------------------------------------------------------------
@@ -98,9 +119,7 @@ class Journal:
         if self.store is None:
             return
         self._put("step_intended", unit_id, station, slot, attempt, seq, at, branch or None)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._intents.append(fut)
-        await fut
+        await self.sync()
 
     def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> None:
         self._put("step_accepted", unit_id, station, attempt, at)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from linectl.config import Line
-from linectl.contract import CmdStatus, Command, Result, SlotStatus, State
+from linectl.contract import CmdStatus, Command, Result, SlotStatus, State, is_newer
 from linectl.drivers import make_driver
 from linectl.drivers.base import (
     ConnectionChange,
@@ -52,6 +52,7 @@ from linectl.linestate import (
     Unit,
 )
 from linectl.policies import BranchView, RouteState, choose, commit
+from linectl.recovery import ReplayError, replay
 
 log = logging.getLogger("linectl.supervisor")
 
@@ -88,6 +89,7 @@ class Supervisor:
         self.paused = False
         self.next_unit_id = 1
         self.released = 0
+        self.recovered = 0  # units found in the line or in quarantine at start
         self.finished = 0
         self.rejected = 0
         self.quarantine_count = 0
@@ -122,11 +124,14 @@ class Supervisor:
             on_plc = {n: s for n, s in self.line.stations.items() if s.plc == name}
             self._drivers[name] = self._driver_factory(name, plc, on_plc, self._on_driver_event)
         self.next_unit_id = max(self.next_unit_id, await self.journal.next_unit_id())
+        resumes = await self._recover()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             background = [
                 tg.create_task(d.run(), name=f"driver-{n}") for n, d in self._drivers.items()
             ]
+            for tok, slot in resumes:
+                self._spawn(self._resume(tok, slot))
             background.append(tg.create_task(self._journal_loop(), name="journal"))
             background.append(tg.create_task(self._dispatch_loop(), name="dispatch"))
             await self._stopping.wait()
@@ -419,7 +424,7 @@ class Supervisor:
         if (
             self.exit_when_done
             and count is not None
-            and self.released >= count
+            and not self._release_left()
             and not self.units
             and not any(t.slot for u in self.quarantined.values() for t in u.tokens)
         ):
@@ -467,7 +472,8 @@ class Supervisor:
 
     def _release_left(self) -> bool:
         count = self.line.release.count
-        return count is None or self.released < count
+        # Unit ids are never reused, so they count releases across restarts too.
+        return count is None or self.next_unit_id - 1 < count
 
     def _may_release(self, now: float) -> bool:
         if self.paused or self._stopping.is_set() or not self._release_left():
@@ -649,6 +655,8 @@ class Supervisor:
         slot.needs_reset = False
         st = slot.station
         try:
+            # Once reset, the PLC forgets the unit and its result: journal them durably first.
+            await self.journal.sync()
             await self._command(self._drivers[st.plc], slot, slot.take_seq(), Command.RESET, 0)
             self.journal.station_event(st.name, "reset", self.wall(), None, f"slot {slot.index}")
         except CommandRefused as exc:
@@ -678,6 +686,88 @@ class Supervisor:
             self._on_slot(slot, status, self.now())
             return status
 
+    # --- recovery after a restart -------------------------------------------------------
+
+    async def _recover(self) -> list[tuple[Token, Slot]]:
+        """Put the journal's open units back in the line; return the steps whose START must be
+        settled with the PLC once it is connected."""
+        store = self.journal.store
+        if store is None:
+            return []
+        resumes: list[tuple[Token, Slot]] = []
+        now = self.now()
+        wall_now = self.wall(now)
+        for rec in await store.open_units():
+            released = now - (wall_now - rec.released_at).total_seconds()
+            unit = Unit(rec.unit_id, rec.serial, released)
+            self.recovered += 1
+            if rec.status == "quarantined":
+                unit.status, unit.reason = "quarantined", rec.reason or ""
+                self.quarantined[unit.id] = unit
+                continue
+            self.units[unit.id] = unit
+            try:
+                placed = replay(self.flow, list(rec.steps))
+            except ReplayError as exc:
+                self._quarantine(unit, f"cannot resume after restart: {exc}", now)
+                continue
+            for step in placed.superseded:
+                self.journal.step_finished(unit.id, step.station, step.attempt, wall_now, "pass")
+            unit.attempts, unit.joins, unit.branches = (
+                placed.attempts,
+                placed.joins,
+                placed.branches,
+            )
+            if placed.finished:
+                self._finish_unit(unit, now)
+                continue
+            for p in placed.tokens:
+                tok = Token(unit, p.target, forks=p.forks, seq=p.seq, attempt=p.attempt)
+                unit.tokens.append(tok)
+                if p.station and p.slot is not None:
+                    slot = self.stations[p.station].slots[p.slot]
+                    slot.occupant, tok.slot, tok.station = tok, slot, p.station
+                    slot.next_seq = max(slot.next_seq, p.seq + 1)
+                    if p.open:
+                        tok.phase = Phase.COMMANDED
+                        slot.busy = True
+                        resumes.append((tok, slot))
+                    else:
+                        tok.phase = Phase.DONE
+                if p.target is not None:
+                    self._waiting[id(tok)] = tok
+            if placed.rejected_at:
+                failed = next((t for t in unit.tokens if t.station == placed.rejected_at), None)
+                self._quarantine(unit, f"rejected at {placed.rejected_at}", now, failed=failed)
+        if self.recovered:
+            log.info(
+                "resumed %d units in the line, %d in quarantine",
+                len(self.units),
+                len(self.quarantined),
+            )
+        return resumes
+
+    async def _resume(self, tok: Token, slot: Slot) -> None:
+        """Settle a step that was commanded before the restart: await it if the PLC took it,
+        send the same command again if the PLC never saw it."""
+        driver = self._drivers[slot.station.plc]
+        await driver.wait_connected()  # the PLC's resync has been applied by now
+        if tok.phase == Phase.COMMANDED and tok.slot is slot and tok.unit.status == "in_line":
+            status = slot.status
+            if status is not None and is_newer(status.ack_seq, tok.seq):
+                slot.busy = False
+                slot.occupant, tok.slot = None, None
+                self._quarantine(
+                    tok.unit,
+                    f"outcome of step at {slot.station.name} unknown after restart (PLC at "
+                    f"seq {status.ack_seq}, step was {tok.seq})",
+                    self.now(),
+                )
+            else:
+                await self._command(driver, slot, tok.seq, Command.START, tok.unit.id)
+        slot.busy = False
+        self._changed()
+
     # --- operator control ---------------------------------------------------------------
 
     def set_in_service(self, station: str, in_service: bool) -> None:
@@ -702,8 +792,10 @@ class Supervisor:
         """Released = finished + quarantined + in line; no station over capacity; no token
         in two slots; no unit in two stations of one sequence."""
         assert all(u.status == "in_line" for u in self.units.values())
-        assert self.released == self.finished + len(self.quarantined) + len(self.units), (
-            f"a unit was lost or duplicated: released {self.released}, finished "
+        total = self.released + self.recovered
+        assert total == self.finished + len(self.quarantined) + len(self.units), (
+            f"a unit was lost or duplicated: released {self.released}, recovered "
+            f"{self.recovered}, finished "
             f"{self.finished}, quarantined {len(self.quarantined)}, in line {len(self.units)}"
         )
         seen: dict[int, Slot] = {}
@@ -727,8 +819,9 @@ class Supervisor:
         now = self.now()
         stations = {}
         for name, st in self.stations.items():
-            st.account(now)
-            elapsed = max(now - self._t0, 1e-9)
+            if self._t0:  # not before run() has started the clocks
+                st.account(now)
+            elapsed = max(now - self._t0, 1e-9) if self._t0 else 1.0
             stations[name] = StationStatistics(
                 name=name,
                 plc=st.plc,

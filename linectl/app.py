@@ -1,0 +1,87 @@
+"""Assemble a running controller: trace store, supervisor, metrics and operator endpoints.
+
+``linectl run`` drives real PLCs with it; ``linectl demo`` starts the bundled simulators first.
+Ctrl-C or SIGTERM stops release, drains in-flight steps, flushes the journal and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from linectl.config import Line
+from linectl.journal import Journal
+from linectl.supervisor import Supervisor
+
+log = logging.getLogger("linectl")
+
+
+@contextlib.asynccontextmanager
+async def _endpoints(
+    sup: Supervisor, line: Line, *, metrics: bool, api: bool
+) -> AsyncIterator[list[str]]:
+    """Start the metrics and operator endpoints that exist; yield where they listen."""
+    where: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics:
+            from linectl.metrics import serve_metrics
+
+            server = await serve_metrics(sup, line, line.metrics.host, line.metrics.port)
+            stack.push_async_callback(server.stop)
+            where.append(f"metrics http://{line.metrics.host}:{server.port}/metrics")
+        if api:
+            from linectl.api import serve_api
+
+            server = await serve_api(sup, line)
+            stack.push_async_callback(server.stop)
+            where.append(f"operator api http://{line.api.host}:{server.port}/")
+        yield where
+
+
+async def run_line(
+    line: Line,
+    *,
+    db_url: str | None = None,
+    metrics: bool = True,
+    api: bool = True,
+    exit_when_done: bool = False,
+    on_ready: Callable[[Supervisor, list[str]], None] | None = None,
+    status: Callable[[Supervisor], contextlib.AbstractAsyncContextManager[None]] | None = None,
+) -> Supervisor:
+    """Run ``line`` until a signal (or until ``release.count`` units are done)."""
+    from linectl.store import TraceStore
+
+    url = db_url or line.storage_url
+    async with await TraceStore.open(url, line.line) as store:
+        sup = Supervisor(line, journal=Journal(store), exit_when_done=exit_when_done)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, sup.stop)
+        try:
+            async with _endpoints(sup, line, metrics=metrics, api=api) as where:
+                task = asyncio.create_task(sup.run(), name="supervisor")
+                try:
+                    if on_ready is not None:
+                        on_ready(sup, where)
+                    if status is not None:
+                        async with status(sup):
+                            await asyncio.shield(task)
+                    else:
+                        await asyncio.shield(task)
+                finally:
+                    if not task.done():
+                        sup.stop()
+                    await task
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return sup
+
+
+def demo_db(line: Line) -> str:
+    """The demo's embedded SQLite file, next to where it runs."""
+    return f"sqlite:///{Path.cwd() / (line.line + '.sqlite3')}"

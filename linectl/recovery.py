@@ -1,0 +1,186 @@
+"""Where a unit stands after a restart, from its journalled steps. Pure: no I/O.
+
+The journal holds every step's intent (written before its START) and, unless the crash came
+first, its outcome. Replaying a unit's steps through the flow puts its tokens back where they
+were; the PLCs then settle what the journal could not know:
+
+* a step whose START the PLC echoed is awaited, never sent again;
+* a step the PLC never saw is sent again with the same sequence number;
+* a step still open but followed by a later step of its unit passed (the unit only moves on
+  after a pass), so it is closed as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from linectl.flow import (
+    CompiledFlow,
+    Exit,
+    ForkNode,
+    Join,
+    Node,
+    RouteNode,
+    StationNode,
+    next_after,
+)
+
+
+class StepLike(Protocol):
+    station: str
+    slot: int
+    attempt: int
+    seq: int
+    status: str
+    result: str | None
+
+
+@dataclass
+class Placed:
+    """A token as the journal left it."""
+
+    target: Node | None  # where it still has to go; None while a step is open
+    station: str = ""  # the station it is at (open step, or done and not yet moved on)
+    slot: int | None = None
+    seq: int = 0
+    attempt: int = 0
+    open: bool = False  # its step at ``station`` was commanded, outcome unknown
+    forks: tuple[ForkNode, ...] = ()
+
+
+@dataclass
+class Replayed:
+    tokens: list[Placed] = field(default_factory=list)
+    joins: dict[int, int] = field(default_factory=dict)
+    branches: dict[str, int] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    finished: bool = False
+    rejected_at: str = ""  # the last step was a reject: the unit belongs in quarantine
+    superseded: list[StepLike] = field(default_factory=list)  # open steps that must have passed
+
+
+class ReplayError(ValueError):
+    """The journal does not fit the flow (the config changed under a unit in the line)."""
+
+
+def _enter(placed: Placed, station: str, flow: CompiledFlow, out: Replayed) -> Placed | None:
+    """If ``placed`` can reach ``station`` by entering its target, do so (committing route
+    choices and splitting forks) and return the token that is now at ``station``."""
+    target = placed.target
+    if isinstance(target, StationNode):
+        return placed if target.station == station else None
+    if isinstance(target, RouteNode):
+        for b, branch in enumerate(target.branches):
+            trial = Placed(branch.steps[0], forks=placed.forks)
+            if _reaches(trial.target, station):
+                out.branches[target.path] = b
+                placed.target = branch.steps[0]
+                return _enter(placed, station, flow, out)
+        return None
+    if isinstance(target, ForkNode):
+        if not any(_reaches(b.steps[0], station) for b in target.branches):
+            return None
+        out.tokens.remove(placed)
+        out.joins[id(target)] = 0
+        found = None
+        for branch in target.branches:
+            child = Placed(branch.steps[0], forks=(*placed.forks, target))
+            out.tokens.append(child)
+            if found is None and _reaches(branch.steps[0], station):
+                found = _enter(child, station, flow, out)
+        return found
+    return None
+
+
+def _reaches(node: Node | None, station: str) -> bool:
+    """Whether entering ``node`` can put a token at ``station`` straight away."""
+    if isinstance(node, StationNode):
+        return node.station == station
+    if isinstance(node, RouteNode | ForkNode):
+        return any(_reaches(b.steps[0], station) for b in node.branches)
+    return False
+
+
+def _advance(placed: Placed, where: Node | Join | Exit, out: Replayed) -> None:
+    if isinstance(where, Exit):
+        out.tokens.remove(placed)
+        out.finished = True
+    elif isinstance(where, Join):
+        out.tokens.remove(placed)
+        key = id(where.fork)
+        out.joins[key] = out.joins.get(key, 0) + 1
+        if out.joins[key] == len(where.fork.branches):
+            del out.joins[key]
+            joined = Placed(None, forks=placed.forks[:-1])
+            out.tokens.append(joined)
+            _advance(joined, next_after(where.fork), out)
+    else:
+        placed.target = where
+
+
+def replay(flow: CompiledFlow, steps: list[StepLike], resume: int = 0) -> Replayed:
+    """Put a unit's tokens where its journalled ``steps`` (in order) leave them."""
+    out = Replayed(tokens=[Placed(flow.root.steps[resume])])
+    for i, step in enumerate(steps):
+        if step.station not in flow.stations:
+            raise ReplayError(f"step at unknown station '{step.station}'")
+        # The token at this station: one heading there, or one done there earlier (a retry).
+        tok = next(
+            (
+                found
+                for p in list(out.tokens)
+                if (found := _enter(p, step.station, flow, out)) is not None
+            ),
+            None,
+        )
+        if tok is None:
+            raise ReplayError(f"step at '{step.station}' does not follow from the steps before it")
+        out.attempts[step.station] = step.attempt
+        tok.station, tok.slot, tok.seq, tok.attempt = (
+            step.station,
+            step.slot,
+            step.seq,
+            step.attempt,
+        )
+        is_open = step.status in ("commanded", "running")
+        later = any(s.station != step.station for s in steps[i + 1 :])
+        node = flow.stations[step.station]
+        if is_open and later and _moved_on(step, steps[i + 1 :], flow):
+            out.superseded.append(step)
+            is_open, result = False, "pass"
+        else:
+            result = step.result
+        if is_open:
+            tok.target = None
+            tok.open = True
+        elif result == "pass":
+            tok.open = False
+            _advance(tok, next_after(node), out)
+        elif result == "reject":
+            out.rejected_at = step.station
+            tok.target = None
+        else:  # fault, refused, abandoned: the step is to be tried again
+            tok.open = False
+            tok.station, tok.slot = "", None
+            route = flow.route_of(step.station)
+            first_of_branch = (
+                route is not None and node.index == 0 and node.parent is route[0].branches[route[1]]
+            )
+            tok.target = route[0] if first_of_branch and route is not None else node
+    return out
+
+
+def _moved_on(step: StepLike, later: list[StepLike], flow: CompiledFlow) -> bool:
+    """Whether a later step shows the unit left ``step.station`` (not a sibling fork branch)."""
+    node = flow.stations[step.station]
+    after = next_after(node)
+    for s in later:
+        if isinstance(after, StationNode | RouteNode | ForkNode) and _reaches(after, s.station):
+            return True
+        if isinstance(after, Join):
+            # Past the join: a later step beyond the fork proves every branch finished.
+            beyond = next_after(after.fork)
+            if isinstance(beyond, Node) and _reaches(beyond, s.station):
+                return True
+    return False

@@ -1,0 +1,134 @@
+"""Crash recovery: kill -9 the supervisor (a real `linectl run` process) at random moments,
+restart it, and still lose no unit and run no step twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from linectl.config import parse_config
+from linectl.flow import compile_flow
+from linectl.store import TraceStore
+from simulators.runner import SimLine
+from tests.helpers import eventually
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+UNITS = 30
+KILLS = 20
+
+LINE = """
+line: crash
+time_scale: 0.01
+plcs:
+  p0: {{protocol: modbus, host: 127.0.0.1, port: {p0}, poll_interval_s: 0.005, timeout_s: 0.5}}
+  p1: {{protocol: modbus, host: 127.0.0.1, port: {p1}, poll_interval_s: 0.005, timeout_s: 0.5}}
+stations:
+  load:    {{plc: p0, address: 0,   cycle_s: 3}}
+  weld_1:  {{plc: p0, address: 40,  cycle_s: 6}}
+  weld_2:  {{plc: p1, address: 0,   cycle_s: 6}}
+  label:   {{plc: p1, address: 40,  cycle_s: 2}}
+  scan:    {{plc: p0, address: 80,  cycle_s: 3}}
+  pack:    {{plc: p1, address: 80,  cycle_s: 3, capacity: 2}}
+flow:
+  - load
+  - route: {{policy: round_robin, branches: [[weld_1], [weld_2]]}}
+  - fork: [[label], [scan]]
+  - pack
+release: {{count: {units}}}
+storage: {{url: "{db}"}}
+metrics: {{port: 0}}
+api: {{port: 0}}
+"""
+
+
+def spawn(config: Path) -> asyncio.subprocess.Process:
+    return asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "linectl.cli",
+        "run",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def crash_and_resume(tmp_path: Path, db: str) -> None:
+    rng = random.Random(20261128)
+    template = parse_config(LINE.format(p0=0, p1=0, units=UNITS, db=db))
+    async with SimLine(template, free_ports=True, heartbeat_period_s=0.05) as sim:
+        ports = {name: plc.port for name, plc in sim.line.plcs.items()}
+        config = tmp_path / "crash.yaml"
+        config.write_text(LINE.format(p0=ports["p0"], p1=ports["p1"], units=UNITS, db=db))
+
+        def cycles() -> int:
+            return sum(sum(c.values()) for c in sim.completions().values())
+
+        kills = 0
+        for _ in range(KILLS):
+            proc = await spawn(config)
+            # A random moment: after a random number of further cycles anywhere on the line.
+            target = cycles() + rng.randint(1, 4)
+            await eventually(
+                lambda t=target, p=proc: cycles() >= t or p.returncode is not None,
+                within=20,
+                what="the line to move",
+            )
+            if proc.returncode is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            kills += 1
+        assert kills == KILLS, f"the line finished after {kills} kills; give it more units"
+        proc = await spawn(config)  # the last run goes to the end
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()[-2000:]
+
+        line = parse_config(config.read_text())
+        flow = compile_flow(line)
+        async with await TraceStore.open(db, line.line, create=False) as store:
+            units = await store.units()
+        assert len(units) == UNITS
+        assert {u.status for u in units} <= {"finished", "quarantined"}
+        counts = sim.completions()
+        for unit in units:
+            if unit.status != "finished":
+                continue
+            passed = [s for s in unit.steps if s.result == "pass"]
+            stations = [s.station for s in passed]
+            # Its whole path: load, one weld, both fork branches, pack; each once, in order.
+            assert stations[0] == "load" and stations[-1] == "pack", stations
+            assert sorted(stations[1:-1]) in (
+                ["label", "scan", "weld_1"],
+                ["label", "scan", "weld_2"],
+            ), stations
+            assert len(set(stations)) == len(stations) == 5
+            for step in passed:
+                assert (
+                    step.commanded_at and step.finished_at and step.finished_at >= step.commanded_at
+                )
+                assert step.status == "done"
+            for name in flow.stations:
+                ran = counts[name][unit.unit_id]
+                assert ran == (1 if name in stations else 0), (unit.serial, name, ran)
+
+
+@pytest.mark.slow
+async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice_sqlite(tmp_path):
+    await crash_and_resume(tmp_path, f"sqlite:///{tmp_path / 'crash.sqlite3'}")
+
+
+@pytest.mark.slow
+async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice_postgres(
+    tmp_path,
+    pg_url,  # noqa: F811
+):
+    await crash_and_resume(tmp_path, pg_url)

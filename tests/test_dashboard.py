@@ -54,3 +54,10 @@ def test_the_provisioned_datasource_is_the_one_the_dashboard_defaults_to():
     provider = GRAFANA / "provisioning" / "dashboards" / "linectl.yaml"
     dashboards = yaml.safe_load(provider.read_text())
     assert dashboards["providers"][0]["type"] == "file"
+
+
+def test_docs_describe_every_panel():
+    board = json.loads((GRAFANA / "dashboards" / "linectl-line.json").read_text())
+    docs = (GRAFANA.parent / "docs" / "metrics.md").read_text()
+    missing = [p["title"] for p in board["panels"] if f"| {p['title']} |" not in docs]
+    assert not missing, f"docs/metrics.md does not describe panels {missing}"

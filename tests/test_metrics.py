@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +30,7 @@ flow: [a, b]
 release: {count: 8}
 """
 ALLOWED = {"line", "station", "branch", "result"}
+DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
 
 
 async def scrape(port: int) -> str:
@@ -65,6 +68,11 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
             allowed = ALLOWED | {"plc"} if family.name.startswith("linectl_plc_") else ALLOWED
             assert names <= allowed, (family.name, sample.labels)
             assert not any("m-0000" in v for v in sample.labels.values()), sample
+
+    # docs/metrics.md's tables name every metric a scrape shows, and no other.
+    exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families.values()}
+    documented = set(re.findall(r"^\| `(linectl_\w+)`", DOCS.read_text(), re.MULTILINE))
+    assert documented == exposed, (documented - exposed, exposed - documented)
 
     samples = [s for f in families.values() for s in f.samples]
 

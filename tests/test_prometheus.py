@@ -31,6 +31,7 @@ from tests.linefixtures import running_line
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "config" / "demo.yaml"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "linectl-line.json"
+DOCS = ROOT / "docs" / "metrics.md"
 SCRAPE_S = 0.5
 RATE_WINDOW = "5s"  # $__rate_interval: ten scrapes
 
@@ -145,6 +146,8 @@ def dashboard_queries(variables: dict[str, str]) -> list[tuple[str, str]]:
                 expr = expr.replace(name, value)
             assert not re.search(r"\$\w+", expr), f"unsubstituted variable in {expr}"
             out.append((panel["title"], expr))
+    for example in re.findall(r"```promql\n(.*?)```", DOCS.read_text(), re.DOTALL):
+        out.append(("docs/metrics.md example", " ".join(example.split())))
     return out
 
 

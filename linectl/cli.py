@@ -300,13 +300,23 @@ def sim_command(
         raise typer.Exit(1) from None
 
 
-def _logging(verbose: bool) -> None:
+def _logging(verbose: bool, board: bool = False) -> None:
     import logging
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    if board:
+        # Through rich's console, so log lines print above the live board, not through it.
+        from rich.logging import RichHandler
+
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(name)s: %(message)s",
+            handlers=[RichHandler(show_path=False)],
+        )
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        )
     # asyncua and pymodbus narrate every reconnect; our drivers log transitions once.
     for noisy in ("asyncua", "pymodbus"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
@@ -329,7 +339,7 @@ def run_command(
         line = load_config(config)
     except ConfigError as exc:
         _fail(exc)
-    _logging(verbose)
+    _logging(verbose, board=status)
 
     def ready(_sup, where: list[str]) -> None:
         typer.echo(f"linectl: running line '{line.line}'; " + "; ".join(where), err=True)
@@ -366,7 +376,7 @@ def demo_command(
         line = load_config(config)
     except ConfigError as exc:
         _fail(exc)
-    _logging(verbose)
+    _logging(verbose, board=True)
     if not verbose:  # the board is the output; keep warnings, drop the chatter
         logging.getLogger().setLevel(logging.WARNING)
 

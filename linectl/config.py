@@ -26,7 +26,9 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from linectl.contract import MODBUS_MAX_READ, block_words
@@ -82,6 +84,83 @@ class ModbusPlc(Connection):
         return f"{self.host}:{self.port}"
 
 
+def _relative_to_config(path: Path, info: ValidationInfo) -> Path:
+    """A relative path is relative to the config file's directory (when it was read from one)."""
+    source = (info.context or {}).get("source", "")
+    if path.is_absolute() or not source or source.startswith("<"):
+        return path
+    return Path(source).parent / path
+
+
+class OpcUaSecurity(_Model):
+    """Security of one OPC UA connection: our application instance certificate, the
+    certificates we trust, and the user we log in as. The password never is in the file."""
+
+    policy: Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = Field(
+        "Basic256Sha256", description="Security policy; the deprecated Basic256 is refused."
+    )
+    mode: Literal["Sign", "SignAndEncrypt"] = Field(
+        "SignAndEncrypt", description="'Sign' protects integrity only; the traffic is readable."
+    )
+    certificate: Path = Field(description="Our application instance certificate (DER or PEM).")
+    private_key: Path = Field(description="Its private key (PEM or DER, unencrypted).")
+    trust: Path | list[Path] = Field(
+        description="Trusted server certificates or CAs: a directory, or a list of files."
+    )
+    application_uri: str = Field(
+        description="Our ApplicationUri; must be the URI in our certificate's subjectAltName."
+    )
+    user: str | None = Field(None, description="User name to log in with; none = anonymous.")
+    password_env: str | None = Field(
+        None, description="Environment variable that holds the user's password."
+    )
+    password_file: Path | None = Field(
+        None, description="File whose first line is the user's password."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "a password must not be written in the config; put it in an environment "
+                "variable named by password_env, or in a file named by password_file"
+            )
+        return data
+
+    @field_validator("certificate", "private_key", "password_file")
+    @classmethod
+    def _paths(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _relative_to_config(path, info)
+
+    @field_validator("trust")
+    @classmethod
+    def _trust(cls, trust: Path | list[Path], info: ValidationInfo) -> Path | list[Path]:
+        if isinstance(trust, list):
+            if not trust:
+                raise ValueError("an empty trust list trusts no server; name at least one")
+            return [_relative_to_config(p, info) for p in trust]
+        return _relative_to_config(trust, info)
+
+    @field_validator("application_uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", uri):
+            raise ValueError(f"'{uri}' is not a URI (like urn:example.com:linectl:cell_a)")
+        return uri
+
+    @model_validator(mode="after")
+    def _login(self) -> OpcUaSecurity:
+        has_secret = self.password_env is not None or self.password_file is not None
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("give password_env or password_file, not both")
+        if self.user is not None and not has_secret:
+            raise ValueError(f"user '{self.user}' needs password_env or password_file")
+        if self.user is None and has_secret:
+            raise ValueError("password_env/password_file given without a user")
+        return self
+
+
 class OpcUaPlc(Connection):
     protocol: Literal["opcua"]
     url: str = Field(description="Endpoint URL, opc.tcp://host:port[/path].")
@@ -92,7 +171,11 @@ class OpcUaPlc(Connection):
         "subscribe", description="'poll' only for servers that cannot subscribe."
     )
     poll_interval_s: float = Field(0.1, gt=0, description="Used when mode is 'poll'.")
-    security: dict[str, Any] | None = Field(None, description="Reserved for OPC UA security.")
+    security: OpcUaSecurity | None = Field(
+        None,
+        description="Certificates, trust list and login. Without it the connection is "
+        "unsigned, unencrypted and anonymous (security mode None); see docs/security.md.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -467,7 +550,7 @@ def parse_config(text: str, source: str = "<config>") -> Line:
     _positions(node, "", lines)
     where = _Source(source, lines)
     try:
-        cfg = Line.model_validate(data)
+        cfg = Line.model_validate(data, context={"source": source})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

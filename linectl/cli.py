@@ -42,6 +42,14 @@ def check(config: ConfigArg) -> None:
     typer.echo(
         f"{config}: ok: line '{cfg.line}', {len(cfg.plcs)} PLCs, {len(cfg.stations)} stations"
     )
+    for name, plc in cfg.plcs.items():
+        section = "security" if plc.protocol == "opcua" else "tls"
+        if getattr(plc, section, None) is None:
+            typer.echo(
+                f"{config}: warning: plcs.{name} ({plc.where}) has no {section} section: "
+                "anyone on its network can read and command it (docs/security.md)",
+                err=True,
+            )
 
 
 @app.command()
@@ -451,6 +459,56 @@ def ctl_command(
         reason = getattr(exc, "reason", exc)
         typer.echo(f"{url}: no supervisor answering ({reason}); is `linectl run` going?", err=True)
         raise typer.Exit(1) from exc
+
+
+@app.command("certs")
+def certs_command(
+    name: Annotated[str, typer.Argument(help="File name and common name of the certificate.")],
+    uri: Annotated[
+        str, typer.Option("--uri", help="Application URI (the config's application_uri).")
+    ],
+    dns: Annotated[
+        list[str] | None, typer.Option("--dns", help="Host name (repeatable; default: this host).")
+    ] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="IP address (repeatable).")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Validity in days.")] = 365,
+    key_size: Annotated[int, typer.Option(min=2048, max=4096, help="RSA key bits.")] = 2048,
+    out: Annotated[Path, typer.Option(help="Directory to write into.")] = Path("pki"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing certificate and key.")] = False,
+) -> None:
+    """Make a self-signed OPC UA application instance certificate and its key.
+
+    Writes OUT/NAME.der (give it to the PLC's trust list) and OUT/NAME.key.pem (mode 0600; it
+    never leaves this machine). See docs/security.md for rotating them.
+    """
+    import ipaddress
+    import socket
+
+    from linectl.security import fingerprint, generate_certificate, write_certificate
+
+    for address in ip or []:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise typer.BadParameter(
+                f"'{address}' is not an IP address", param_hint="--ip"
+            ) from None
+    if ":" not in uri:
+        raise typer.BadParameter(f"'{uri}' is not a URI (like urn:example.com:linectl)", "--uri")
+    cert, key = generate_certificate(
+        name, uri, dns=dns or [socket.gethostname()], ips=ip or [], days=days, key_size=key_size
+    )
+    try:
+        files = write_certificate(out, name, cert, key, overwrite=force)
+    except OSError as exc:
+        typer.echo(f"linectl certs: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{files.certificate}: certificate {cert.subject.rfc4514_string()}")
+    typer.echo(f"  SHA-256 {fingerprint(cert)}")
+    typer.echo(
+        f"  valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
+    )
+    typer.echo(f"{files.private_key}: private key (keep it here; mode 0600)")
 
 
 def main() -> None:

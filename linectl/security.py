@@ -134,7 +134,9 @@ def write_certificate(
     if not overwrite:
         for path in (files.certificate, files.private_key):
             if path.exists():
-                raise FileExistsError(f"{path} exists; choose another name or overwrite it")
+                raise FileExistsError(
+                    f"{path} exists; choose another name, or overwrite it (linectl certs --force)"
+                )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

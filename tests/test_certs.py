@@ -5,6 +5,7 @@ password never is in a config file."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import stat
 from pathlib import Path
 
@@ -257,3 +258,12 @@ def test_check_warns_about_a_plc_without_security(tmp_path: Path) -> None:
     path.write_text(LINE.format(security=SECURITY + "      password_env: PW\n"))
     result = CliRunner().invoke(app, ["check", str(path)])
     assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_the_example_in_docs_security_md_is_a_valid_config() -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+    (example,) = re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+    text = "line: doc\n" + example + "stations:\n  a1: {plc: cell_a, address: a1, cycle_s: 1}\n"
+    sec = parse_config(text + "flow: [a1]\n", str(doc)).plcs["cell_a"].security
+    assert sec is not None and sec.user == "linectl" and sec.password_env
+    assert sec.trust == doc.parent / "pki" / "trusted"

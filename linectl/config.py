@@ -69,13 +69,76 @@ class Connection(_Model):
     backoff_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay.")
 
 
+class ModbusSimTls(_Model):
+    """What the bundled simulator presents when it serves Modbus/TCP Security; linectl itself
+    never reads this (like a station's ``sim``)."""
+
+    certificate: Path = Field(description="The simulated PLC's certificate (PEM).")
+    private_key: Path = Field(description="Its private key (PEM, unencrypted).")
+    client_ca: Path = Field(description="CA (PEM or DER) that must have issued client certs.")
+
+    @field_validator("certificate", "private_key", "client_ca")
+    @classmethod
+    def _paths(cls, path: Path, info: ValidationInfo) -> Path:
+        return _relative_to_config(path, info)
+
+
+class ModbusTls(_Model):
+    """Modbus/TCP Security: TLS with mutual authentication, usually on port 802.
+
+    The PLC's certificate is verified against ``ca`` and must name ``server_hostname`` (default:
+    the PLC's host; an IP address matches an IP subjectAltName). We present ``certificate``.
+    A key password never is in the file: name the environment variable that holds it.
+    """
+
+    ca: Path = Field(description="CA or trusted certificates (PEM or DER) to verify the PLC.")
+    certificate: Path = Field(description="Our client certificate (PEM), for mutual auth.")
+    private_key: Path = Field(description="Its private key (PEM).")
+    private_key_password_env: str | None = Field(
+        None, description="Environment variable holding the key's password, if it is encrypted."
+    )
+    server_hostname: str | None = Field(
+        None, description="Name or IP the PLC's certificate must carry (default: host)."
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
+        "TLSv1.2", description="Oldest TLS version accepted."
+    )
+    sim: ModbusSimTls | None = Field(
+        None, description="Simulator only: its certificate, key and client CA."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"password", "private_key_password"} & set(data):
+            raise ValueError(
+                "a key password must not be written in the config; put it in an environment "
+                "variable named by private_key_password_env"
+            )
+        return data
+
+    @field_validator("ca", "certificate", "private_key")
+    @classmethod
+    def _paths(cls, path: Path, info: ValidationInfo) -> Path:
+        return _relative_to_config(path, info)
+
+    @field_validator("server_hostname")
+    @classmethod
+    def _hostname(cls, name: str | None) -> str | None:
+        return None if name is None else _check_host(name)
+
+
 class ModbusPlc(Connection):
     protocol: Literal["modbus"]
     host: str = Field(description="IP address or host name of the PLC.")
     port: int = Field(502, ge=0, le=65535)
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit id (slave id) of the PLC.")
     poll_interval_s: float = Field(0.1, gt=0, description="Time between block reads.")
-    tls: dict[str, Any] | None = Field(None, description="Reserved for Modbus/TCP Security.")
+    tls: ModbusTls | None = Field(
+        None,
+        description="Modbus/TCP Security (TLS, mutual auth; port 802 by convention). Without "
+        "it the connection is plaintext and unauthenticated; see docs/security.md.",
+    )
 
     _host = field_validator("host")(_check_host)
 

@@ -10,6 +10,9 @@ readable, and gaps between blocks read as 0, so a controller can cover several s
 one read. A read reaching outside that span, and any other write (status registers, a partial
 command area, FC6 on a single register), gets ILLEGAL_DATA_ADDRESS.
 
+With ``tls`` (and its ``sim`` section) in the PLC's config, or an SSL context given, the server
+speaks Modbus/TCP Security: TLS requiring a client certificate its client CA issued.
+
 pymodbus 3.16 plugs a data source in through ``SimDevice(action=...)``: the action runs on every
 access, may refresh the register list in place before a read, and may refuse with an ExcCodes.
 """
@@ -19,18 +22,20 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import socket
+import ssl
 from collections import Counter
 from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from linectl.config import ModbusPlc
 from linectl.contract import COMMAND_WORDS, block_words, command_address, decode_command
 from linectl.errors import ConfigError
+from linectl.tls import server_context
 from simulators.station import SimPlc, SimStation
 
 _KINDS = {3: "read", 4: "read_input", 6: "write_single", 16: "write", 23: "read_write"}
@@ -48,10 +53,20 @@ def _loopback(host: str) -> str:
 
 
 class ModbusSimServer:
-    """One simulated PLC on one Modbus TCP port (loopback only)."""
+    """One simulated PLC on one Modbus TCP port (loopback only).
+
+    It serves TLS with ``sslctx`` (a server context, see linectl.tls.server_context) or, when
+    none is given, with the certificate, key and client CA of the config's ``tls.sim``.
+    """
 
     def __init__(
-        self, plc_name: str, config: ModbusPlc, plc: SimPlc, *, port: int | None = None
+        self,
+        plc_name: str,
+        config: ModbusPlc,
+        plc: SimPlc,
+        *,
+        port: int | None = None,
+        sslctx: ssl.SSLContext | None = None,
     ) -> None:
         self.plc_name = plc_name
         self.config = config
@@ -67,6 +82,7 @@ class ModbusSimServer:
                 ]
             )
         self._want_port = config.port if port is None else port
+        self.sslctx = sslctx or _sim_context(plc_name, config)
         self._server: ModbusTcpServer | None = None
         self._bound_port = 0
         self._stalled = False
@@ -91,7 +107,11 @@ class ModbusSimServer:
     @property
     def client_count(self) -> int:
         """Client connections open right now."""
-        return len(self._server.active_connections) if self._server else 0
+        if self._server is None:
+            return 0
+        # pymodbus registers a connection when TCP accepts it; a TLS handshake that fails
+        # afterwards never tells it, so it keeps an entry without a transport.
+        return sum(c.transport is not None for c in self._server.active_connections.values())
 
     def endpoint_config(self) -> ModbusPlc:
         return self.config.model_copy(update={"port": self._bound_port})
@@ -103,11 +123,12 @@ class ModbusSimServer:
             simdata=[SimData(self._lo, count=self._hi - self._lo, datatype=DataType.REGISTERS)],
             action=self._action,
         )
-        server = ModbusTcpServer(
-            device,
-            address=(self._host, self._want_port),
-            trace_pdu=self._trace_pdu,
-            trace_connect=self._trace_connect,
+        hooks = {"trace_pdu": self._trace_pdu, "trace_connect": self._trace_connect}
+        address = (self._host, self._want_port)
+        server = (
+            ModbusTcpServer(device, address=address, **hooks)
+            if self.sslctx is None
+            else ModbusTlsServer(device, address=address, sslctx=self.sslctx, **hooks)
         )
         try:
             await server.serve_forever(background=True)
@@ -218,3 +239,23 @@ class ModbusSimServer:
             if base + size <= address:
                 continue
             registers[base - start : base - start + size] = station.words()
+
+
+def _sim_context(plc_name: str, config: ModbusPlc) -> ssl.SSLContext | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    if tls.sim is None:
+        raise ConfigError(
+            [
+                f"plcs.{plc_name}.tls.sim: required to simulate a Modbus/TCP Security PLC: "
+                "its certificate, private_key and client_ca"
+            ]
+        )
+    return server_context(
+        tls.sim.certificate,
+        tls.sim.private_key,
+        tls.sim.client_ca,
+        min_version=tls.min_version,
+        path=f"plcs.{plc_name}.tls.sim",
+    )

@@ -6,6 +6,11 @@ Registers are numbered as on the wire and in the config: 0-based holding registe
 pymodbus is only a framer here: its reconnect is off (``reconnect_delay=0``), it never retries
 (``retries=0``) and its own response timeout is set longer than ours, so every deadline is an
 ``asyncio.timeout`` scope of this module and ``run()`` alone decides when to reconnect.
+
+With ``tls`` configured the connection is Modbus/TCP Security: pymodbus' TLS client over an
+SSL context of linectl.tls (verification on, mutual auth), and TLS failures are told as such.
+Whatever the transport, the driver writes nothing but the command areas of its stations
+(``write_allow_list``); any other write is refused before it is sent.
 """
 
 from __future__ import annotations
@@ -14,19 +19,21 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
 from linectl.config import ModbusPlc, Station
 from linectl.contract import (
+    COMMAND_WORDS,
     H_HEARTBEAT,
     HEADER_WORDS,
     MODBUS_MAX_READ,
@@ -60,6 +67,7 @@ from linectl.errors import (
     PlcTimeout,
     ProtocolViolation,
 )
+from linectl.tls import LossReason, client_context, describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,30 @@ def _read_of(group: list[tuple[int, int, str, int]]) -> BlockRead:
     start = group[0][0]
     end = max(base + size for base, size, _, _ in group)
     return BlockRead(start, end - start, tuple((n, b - start, c) for b, _, n, c in group))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteArea:
+    """Registers ``start``..``end - 1`` that linectl may write: one slot's command area."""
+
+    start: int
+    end: int
+    station: str
+    slot: int
+
+    def __str__(self) -> str:
+        return f"station '{self.station}' slot {self.slot}, registers {self.start}..{self.end - 1}"
+
+
+def write_allow_list(stations: Mapping[str, Station]) -> tuple[WriteArea, ...]:
+    """Every register linectl may write on one PLC, sorted: the ``COMMAND_WORDS`` command area
+    of each slot of its stations (docs/plc-interface.md). Nothing else, ever."""
+    areas = []
+    for name, st in stations.items():
+        for slot in range(st.capacity):
+            first = command_address(int(st.address), slot)
+            areas.append(WriteArea(first, first + COMMAND_WORDS, name, slot))
+    return tuple(sorted(areas, key=lambda a: a.start))
 
 
 class _FastReadResponse(ReadHoldingRegistersResponse):
@@ -172,6 +204,10 @@ class ModbusDriver(PlcDriver):
         self._rng = rng
         self._reads = plan_reads(self.stations)
         self._base = {n: int(st.address) for n, st in self.stations.items()}
+        self._writable = write_allow_list(self.stations)
+        self._sslctx = client_context(config.tls, f"plcs.{name}.tls") if config.tls else None
+        self._loss: LossReason | None = None  # why the TLS connection ended, if it told
+        self._answered = False  # whether the PLC answered anything on this connection
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=rng)
         self._client: AsyncModbusTcpClient | None = None
         self._lock = asyncio.Lock()  # one request at a time on the one connection
@@ -234,33 +270,72 @@ class ModbusDriver(PlcDriver):
 
     async def _connect(self) -> AsyncModbusTcpClient:
         c = self.config
-        client = AsyncModbusTcpClient(
-            c.host,
-            port=c.port,
-            name=self.name,
-            reconnect_delay=0,
-            retries=0,
+        options = {
+            "port": c.port,
+            "name": self.name,
+            "reconnect_delay": 0,
+            "retries": 0,
             # Longer than our own deadlines, so pymodbus never times out first.
-            timeout=2 * max(c.timeout_s, c.connect_timeout_s) + 1,
-            trace_connect=lambda up: self._on_trace_connect(client, up),
+            "timeout": 2 * max(c.timeout_s, c.connect_timeout_s) + 1,
+            "trace_connect": lambda up: self._on_trace_connect(client, up),
+        }
+        client = (
+            AsyncModbusTcpClient(c.host, **options)
+            if self._sslctx is None
+            else AsyncModbusTlsClient(c.host, sslctx=self._sslctx, **options)
         )
         client.register(_FastReadResponse)
+        self._answered = False
+        self._loss = None
         try:
             async with asyncio.timeout(c.connect_timeout_s):
-                # pymodbus' connect() swallows the OSError and returns False; its factory
-                # (the same create_connection call) lets us log why: refused, unreachable...
-                await client.ctx.call_create()
+                if self._sslctx is None:
+                    # pymodbus' connect() swallows the OSError and returns False; its factory
+                    # (the same create_connection call) lets us log why: refused, unreachable...
+                    await client.ctx.call_create()
+                else:
+                    await self._connect_tls(client)
         except TimeoutError as exc:
             client.close()
+            if self._loss is not None:  # TCP is up: the handshake is what hangs
+                raise PlcConnectionLost(
+                    f"{self.where}: TLS handshake: no answer within {c.connect_timeout_s} s "
+                    f"(a plaintext Modbus TCP port?)",
+                    plc=self.name,
+                ) from exc
             raise PlcConnectionLost(
                 f"{self.where}: connect timeout after {c.connect_timeout_s} s", plc=self.name
             ) from exc
         except OSError as exc:
             client.close()
+            if isinstance(exc, ssl.SSLError) or self._loss is not None:
+                # An SSLError's errno is OpenSSL's, not the system's: never os.strerror it.
+                raise PlcConnectionLost(
+                    f"{self.where}: TLS: {describe_tls_error(exc)}", plc=self.name
+                ) from exc
             # asyncio words it "Connect call failed (host, port)": say why, not where.
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise PlcConnectionLost(f"{self.where}: connect failed: {why}", plc=self.name) from exc
         return client
+
+    async def _connect_tls(self, client: AsyncModbusTcpClient) -> None:
+        """Connect and handshake with our SSL context, naming the host the PLC's certificate
+        must carry (pymodbus passes none); ``_connect``'s deadline covers the handshake."""
+        tls = self.config.tls
+        assert tls is not None
+
+        def protocol() -> asyncio.Protocol:
+            # asyncio asks for the protocol once TCP is up, before the handshake starts.
+            self._loss = LossReason(client.ctx.handle_new_connection())
+            return self._loss
+
+        await asyncio.get_running_loop().create_connection(
+            protocol,
+            self.config.host,
+            self.config.port,
+            ssl=self._sslctx,
+            server_hostname=tls.server_hostname or self.config.host,
+        )
 
     def _on_trace_connect(self, client: AsyncModbusTcpClient, up: bool) -> None:
         # pymodbus leaves a request waiting for its own (long) timeout when the peer closes the
@@ -268,7 +343,27 @@ class ModbusDriver(PlcDriver):
         if not up and self._in_flight and client is self._client:
             future = client.ctx.response_future
             if not future.done():
-                future.set_exception(ConnectionException("connection closed by the PLC"))
+                future.set_exception(ConnectionException(self._closed_reason()))
+
+    def _closed_reason(self) -> str:
+        """Why the PLC closed the connection, as far as we can tell."""
+        error = self._loss.error if self._loss is not None else None
+        if isinstance(error, ssl.SSLError):
+            return f"TLS: {describe_tls_error(error)}"
+        if self._answered:
+            return "connection closed by the PLC"
+        if self._sslctx is not None:
+            # TLS 1.3 checks our certificate after our side of the handshake is done; a PLC
+            # that refuses it may just close the connection.
+            return (
+                "the PLC closed the connection after the TLS handshake, before answering: it "
+                f"refused our certificate (is plcs.{self.name}.tls.certificate issued by a CA "
+                "the PLC trusts?)"
+            )
+        return (
+            "the PLC closed the connection before answering: does this port expect TLS "
+            f"(Modbus/TCP Security)? Then configure plcs.{self.name}.tls"
+        )
 
     def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -328,8 +423,12 @@ class ModbusDriver(PlcDriver):
         loop = asyncio.get_running_loop()
         async with self._lock:
             client = self._client
-            if client is None or not client.connected:
+            if client is None:
                 raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
+            if not client.connected:
+                raise PlcConnectionLost(
+                    f"{self.where}: {what}: {self._closed_reason()}", plc=self.name
+                )
             task = asyncio.current_task()
             cancelling = task.cancelling() if task else 0
             started = loop.time()
@@ -361,6 +460,7 @@ class ModbusDriver(PlcDriver):
                 self._in_flight = False
                 self._request_seconds += loop.time() - started
         self._consecutive_timeouts = 0
+        self._answered = True
         if response.isError():
             self._failed(f"{what}: refused with {_exception_name(response)}")
         return response
@@ -536,15 +636,39 @@ class ModbusDriver(PlcDriver):
         return status
 
     async def _write_command(self, station: str, slot: int, words: list[int]) -> None:
-        """Every write this driver makes goes through here: the one place to guard writes."""
         address = command_address(self._base[station], slot)
+        await self._write(
+            address, words, f"station '{station}' slot {slot}: command write", station=station
+        )
+
+    async def _write(
+        self, address: int, words: list[int], what: str, *, station: str | None = None
+    ) -> None:
+        """Every write this driver makes goes through here, and is refused before anything is
+        sent unless it lies within one command area of the allow-list."""
+        end = address + len(words)
+        if not words or not any(a.start <= address and end <= a.end for a in self._writable):
+            self._failed(
+                f"{what}: write of registers {address}..{end - 1} refused, not sent: "
+                f"{self._outside_allow_list(address, end)}"
+            )
+            raise ProtocolViolation(self._last_error, plc=self.name, station=station)
         unit_id = self.config.unit_id
         response = await self._request(
-            f"station '{station}' slot {slot}: command write at register {address}",
+            f"{what} at register {address}",
             lambda c: c.write_registers(address, words, device_id=unit_id),
         )
         if response.isError():
             raise ProtocolViolation(self._last_error, plc=self.name, station=station)
+
+    def _outside_allow_list(self, start: int, end: int) -> str:
+        if not self._writable:
+            return "this PLC has no stations, so linectl writes nothing to it"
+        nearest = min(self._writable, key=lambda a: max(a.start - end, start - a.end, 0))
+        return (
+            f"linectl writes only within one command area of this PLC's stations "
+            f"(nearest: {nearest})"
+        )
 
     async def _read_slot(self, station: str, slot: int) -> SlotStatus:
         base = self._base[station]

@@ -1,0 +1,194 @@
+"""SSL contexts for Modbus/TCP Security, and TLS failures told in words a person can act on.
+
+linectl builds its own contexts and hands them to pymodbus: verification is never optional.
+A client context checks the PLC's certificate against the configured CA *and* its name (an IP
+address matches an IP subjectAltName); a server context (the simulator's) requires a client
+certificate issued by its client CA. Both refuse anything older than TLS 1.2.
+
+Plain ``ssl`` and ``asyncio``: no protocol library is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from pathlib import Path
+
+from linectl.config import ModbusTls
+from linectl.errors import ConfigError
+
+TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def client_context(tls: ModbusTls, path: str = "tls") -> ssl.SSLContext:
+    """The context linectl connects to a PLC with; ``path`` (``plcs.cell_a.tls``) names the
+    config section in errors. Raises ConfigError when a file cannot be used."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    _load_ca(ctx, tls.ca, f"{path}.ca")
+    _load_identity(
+        ctx, tls.certificate, tls.private_key, path, password_env=tls.private_key_password_env
+    )
+    # PROTOCOL_TLS_CLIENT sets both already; say so here, where a reader looks for them.
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def server_context(
+    certificate: Path,
+    private_key: Path,
+    client_ca: Path,
+    *,
+    min_version: str = "TLSv1.2",
+    path: str = "tls.sim",
+) -> ssl.SSLContext:
+    """A PLC's side (the simulator's): present ``certificate``, accept only clients whose
+    certificate ``client_ca`` issued (mutual authentication)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[min_version]
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_ca(ctx, client_ca, f"{path}.client_ca")
+    _load_identity(ctx, certificate, private_key, path, password_env=None)
+    return ctx
+
+
+def _load_ca(ctx: ssl.SSLContext, file: Path, field: str) -> None:
+    try:
+        data = Path(file).read_bytes()
+        if b"-----BEGIN" in data:
+            ctx.load_verify_locations(cadata=data.decode("ascii"))
+        else:
+            ctx.load_verify_locations(cadata=data)  # DER
+    except OSError as exc:
+        # ssl.SSLError is an OSError whose errno is OpenSSL's, not the system's.
+        why = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
+        raise ConfigError([f"{field}: cannot use {file} as CA certificates: {why}"]) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError([f"{field}: {file} holds no certificate: {exc}"]) from exc
+
+
+def _load_identity(
+    ctx: ssl.SSLContext, cert: Path, key: Path, path: str, *, password_env: str | None
+) -> None:
+    def password() -> str:
+        # Without a callable OpenSSL would prompt on the terminal: a service would hang.
+        if password_env is None:
+            raise ConfigError(
+                [
+                    f"{path}.private_key: {key} is encrypted; name the environment variable "
+                    f"holding its password in {path}.private_key_password_env"
+                ]
+            )
+        value = os.environ.get(password_env)
+        if not value:
+            raise ConfigError(
+                [
+                    f"{path}.private_key_password_env: environment variable {password_env} is "
+                    "not set or empty"
+                ]
+            )
+        return value
+
+    try:
+        ctx.load_cert_chain(cert, key, password=password)
+    except ConfigError:
+        raise
+    except ssl.SSLError as exc:
+        reason = _ssl_reason(exc)
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            why = f"{key} is not the key of {cert}"
+        elif exc.reason in {"BAD_DECRYPT", "BAD_PASSWORD_READ"}:
+            why = f"wrong password for {key}"
+        else:
+            why = f"{cert} and {key} must be a PEM certificate and key ({reason})"
+        raise ConfigError([f"{path}.certificate: {why}"]) from exc
+    except OSError as exc:
+        raise ConfigError(
+            [f"{path}: cannot read {exc.filename or cert}: {exc.strerror or exc}"]
+        ) from exc
+
+
+# --- failures --------------------------------------------------------------------------------
+
+_REFUSED_BY_PEER = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the PLC requires a client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the PLC does not trust the CA that issued our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the PLC refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the PLC refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the PLC says our certificate has expired",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the PLC refused the handshake (no client certificate, "
+    "or no cipher in common)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "no TLS version in common with the PLC",
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common with the PLC",
+    "TLSV1_ALERT_ACCESS_DENIED": "the PLC denied access to our certificate",
+}
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's words without the file and line of its C source."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    text = text.split(" (_ssl.c:")[0]
+    return text.split("] ", 1)[-1]
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """Why a TLS connection failed, for a log line and a ConnectionChange reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = f"certificate verify failed: {exc.verify_message}"
+        # 2, 20, 21: no issuer found; 18, 19: a self-signed certificate (a PLC sending its own
+        # CA along) that tls.ca does not hold.
+        if exc.verify_code in (2, 18, 19, 20, 21):
+            return f"{why} (the PLC's certificate is not issued by a CA in tls.ca)"
+        if exc.verify_code == 62:  # hostname or IP address mismatch
+            return f"{why} (set tls.server_hostname to a name in the PLC's certificate)"
+        return why
+    if isinstance(exc, ssl.SSLError):
+        reason = _ssl_reason(exc)
+        if exc.reason in _REFUSED_BY_PEER:
+            return f"{_REFUSED_BY_PEER[exc.reason]} ({reason})"
+        if exc.reason in _NOT_TLS:
+            return f"the PLC does not answer in TLS: a plaintext Modbus TCP port? ({reason})"
+        if isinstance(exc, ssl.SSLEOFError):
+            return (
+                "the PLC closed the connection during the TLS handshake "
+                "(a plaintext Modbus TCP port, or it refused us)"
+            )
+        return f"TLS error: {reason}"
+    if isinstance(exc, ConnectionError):
+        return (
+            "the PLC closed the connection during the TLS handshake "
+            "(a plaintext Modbus TCP port, or it refused us)"
+        )
+    return str(exc) or type(exc).__name__
+
+
+class LossReason(asyncio.Protocol):
+    """A protocol library's protocol as asyncio sees it, keeping why the connection ended:
+    pymodbus tells ``trace_connect`` only that it did, but a PLC's TLS alert ("unknown ca") is
+    what an operator needs to read."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+        self.error: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.error = exc
+        self._inner.connection_lost(exc)

@@ -189,6 +189,7 @@ class StationStatistics:
     state: State  # PackML state of slot 0 (the station's state when capacity is 1)
     seconds: dict[Condition, float]
     utilization: float  # busy slot-time / (capacity x time observed)
+    busy_seconds: float  # slot-seconds spent executing a unit
     cycles: int
     passed: int
     rejected: int

@@ -233,7 +233,7 @@ class LineCollector(Collector):
             C,
             "station_busy_seconds",
             "Slot-seconds spent executing a unit (divide by capacity for utilization).",
-            lambda s: s.utilization * s.capacity * stats.elapsed_s,
+            lambda s: s.busy_seconds,
         )
         yield family(G, "station_capacity_units", "Units in process at once.", lambda s: s.capacity)
         yield family(G, "station_load_units", "Units the station holds now.", lambda s: s.load)

@@ -818,17 +818,21 @@ class Supervisor:
     def statistics(self) -> SupervisorStatistics:
         now = self.now()
         stations = {}
+        started = bool(self._t0)  # before run() there is no clock to read
         for name, st in self.stations.items():
-            if self._t0:  # not before run() has started the clocks
+            if started:
                 st.account(now)
-            elapsed = max(now - self._t0, 1e-9) if self._t0 else 1.0
+            elapsed = max(now - self._t0, 1e-9)
             stations[name] = StationStatistics(
                 name=name,
                 plc=st.plc,
                 condition=st.condition,
                 state=st.last_state,
                 seconds=dict(st.seconds),
-                utilization=st.busy_slot_seconds / (st.config.capacity * elapsed),
+                utilization=(
+                    st.busy_slot_seconds / (st.config.capacity * elapsed) if started else 0.0
+                ),
+                busy_seconds=st.busy_slot_seconds,
                 cycles=st.cycles,
                 passed=st.passed,
                 rejected=st.rejected,
@@ -843,7 +847,7 @@ class Supervisor:
             )
         return SupervisorStatistics(
             line=self.line.line,
-            elapsed_s=now - self._t0,
+            elapsed_s=now - self._t0 if started else 0.0,
             released=self.released,
             finished=self.finished,
             rejected=self.rejected,

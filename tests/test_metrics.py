@@ -132,6 +132,7 @@ def station(seconds: dict[Condition, float], passed: int, rejected: int, **kw) -
         "state": State.EXECUTE,
         "seconds": full,
         "utilization": 0.0,
+        "busy_seconds": 0.0,
         "cycles": passed + rejected,
         "passed": passed,
         "rejected": rejected,

@@ -73,7 +73,7 @@ class ModbusSimTls(_Model):
     """What the bundled simulator presents when it serves Modbus/TCP Security; linectl itself
     never reads this (like a station's ``sim``)."""
 
-    certificate: Path = Field(description="The simulated PLC's certificate (PEM).")
+    certificate: Path = Field(description="The simulated PLC's certificate (PEM or DER).")
     private_key: Path = Field(description="Its private key (PEM, unencrypted).")
     client_ca: Path = Field(description="CA (PEM or DER) that must have issued client certs.")
 
@@ -92,7 +92,7 @@ class ModbusTls(_Model):
     """
 
     ca: Path = Field(description="CA or trusted certificates (PEM or DER) to verify the PLC.")
-    certificate: Path = Field(description="Our client certificate (PEM), for mutual auth.")
+    certificate: Path = Field(description="Our client certificate (PEM or DER), for mutual auth.")
     private_key: Path = Field(description="Its private key (PEM).")
     private_key_password_env: str | None = Field(
         None, description="Environment variable holding the key's password, if it is encrypted."

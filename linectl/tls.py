@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from linectl.config import ModbusTls
@@ -92,7 +93,15 @@ def _load_identity(
         return value
 
     try:
-        ctx.load_cert_chain(cert, key, password=password)
+        data = Path(cert).read_bytes()
+        if b"-----BEGIN" in data:
+            ctx.load_cert_chain(cert, key, password=password)
+        else:
+            # A DER certificate (as ``linectl certs`` writes it); ssl reads PEM files only.
+            with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:
+                pem.write(ssl.DER_cert_to_PEM_cert(data))
+                pem.flush()
+                ctx.load_cert_chain(pem.name, key, password=password)
     except ConfigError:
         raise
     except ssl.SSLError as exc:
@@ -102,7 +111,7 @@ def _load_identity(
         elif exc.reason in {"BAD_DECRYPT", "BAD_PASSWORD_READ"}:
             why = f"wrong password for {key}"
         else:
-            why = f"{cert} and {key} must be a PEM certificate and key ({reason})"
+            why = f"{cert} and {key} must be a certificate and its PEM key ({reason})"
         raise ConfigError([f"{path}.certificate: {why}"]) from exc
     except OSError as exc:
         raise ConfigError(

@@ -23,7 +23,7 @@ from linectl.contract import HEADER_WORDS, S_STATE, Command, State, command_addr
 from linectl.drivers import modbus
 from linectl.drivers.modbus import WriteArea, write_allow_list
 from linectl.errors import ConfigError, ProtocolViolation
-from linectl.security import generate_certificate
+from linectl.security import generate_certificate, write_certificate
 from linectl.tls import client_context
 from simulators.runner import SimLine
 from tests.helpers import eventually
@@ -70,8 +70,12 @@ def _issue(ca: x509.Certificate, ca_key, name: str, *, server: bool):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """ca.pem issued plc (the simulator) and linectl (our client); other.pem issued rogue."""
+    """ca.pem issued plc (the simulator) and linectl (our client); other.pem issued rogue.
+    plc-self and linectl-self are self-signed, DER, as ``linectl certs`` makes them."""
     out = tmp_path_factory.mktemp("pki")
+    for name in ("plc-self", "linectl-self"):
+        cert, key = generate_certificate(name, f"urn:linectl:test:{name}", ips=["127.0.0.1"])
+        write_certificate(out, name, cert, key)
     for ca_name, leaves in (
         ("ca", [("plc", True), ("linectl", False)]),
         ("other", [("rogue", False)]),
@@ -148,6 +152,15 @@ def test_an_unusable_certificate_file_is_a_config_error_naming_the_field(pki):
         client_context(tls_line(pki, tls=tls).plcs["p"].tls, "plcs.p.tls")
 
 
+async def test_an_unreadable_certificate_file_is_told_at_connect_naming_the_field(pki):
+    tls = f"ca: {pki}/missing.pem, certificate: {pki}/linectl.pem, private_key: {pki}/linectl.key"
+    reason = await refused(tls_line(pki, tls=tls, sim=False))
+    assert reason == (
+        f"plc 'p' (127.0.0.1:0): TLS: plcs.p.tls.ca: cannot use {pki}/missing.pem as CA "
+        "certificates: No such file or directory"
+    )
+
+
 def test_the_allow_list_is_the_command_area_of_every_slot():
     line = parse_config(
         """
@@ -179,6 +192,19 @@ async def test_a_command_round_trip_over_mutual_tls(pki):
             assert done.status.unit == 42
         assert sim.station("s2").completions[42] == 1
         assert server.connections_accepted == 1
+
+
+async def test_self_signed_certificates_pinned_both_ways_as_linectl_certs_makes_them(pki):
+    tls = (
+        f"ca: {pki}/plc-self.der, certificate: {pki}/linectl-self.der, "
+        f"private_key: {pki}/linectl-self.key.pem, min_version: TLSv1.3, "
+        f"sim: {{certificate: {pki}/plc-self.der, private_key: {pki}/plc-self.key.pem, "
+        f"client_ca: {pki}/linectl-self.der}}"
+    )
+    async with SimLine(tls_line(pki, tls=tls, sim=False), free_ports=True) as sim:
+        async with running(sim.line) as (driver, events):
+            await driver.command("s1", 0, 1, Command.START, 7)
+            await events.slot("s1", State.COMPLETE)
 
 
 @pytest.mark.parametrize(

@@ -62,11 +62,13 @@ from linectl.drivers.base import (
 )
 from linectl.errors import (
     CommandRefused,
+    ConfigError,
     PlcConnectionLost,
     PlcError,
     PlcTimeout,
     ProtocolViolation,
 )
+from linectl.security import PlcSecurityError
 from linectl.tls import LossReason, client_context, describe_tls_error
 
 log = logging.getLogger(__name__)
@@ -205,7 +207,6 @@ class ModbusDriver(PlcDriver):
         self._reads = plan_reads(self.stations)
         self._base = {n: int(st.address) for n, st in self.stations.items()}
         self._writable = write_allow_list(self.stations)
-        self._sslctx = client_context(config.tls, f"plcs.{name}.tls") if config.tls else None
         self._loss: LossReason | None = None  # why the TLS connection ended, if it told
         self._answered = False  # whether the PLC answered anything on this connection
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=rng)
@@ -279,22 +280,26 @@ class ModbusDriver(PlcDriver):
             "timeout": 2 * max(c.timeout_s, c.connect_timeout_s) + 1,
             "trace_connect": lambda up: self._on_trace_connect(client, up),
         }
-        client = (
-            AsyncModbusTcpClient(c.host, **options)
-            if self._sslctx is None
-            else AsyncModbusTlsClient(c.host, sslctx=self._sslctx, **options)
-        )
+        if c.tls is None:
+            client = AsyncModbusTcpClient(c.host, **options)
+        else:
+            # Files are read at every connect, so rotated certificates take effect on reconnect.
+            try:
+                sslctx = client_context(c.tls, f"plcs.{self.name}.tls")
+            except ConfigError as exc:
+                raise PlcSecurityError(f"{self.where}: TLS: {exc}", plc=self.name) from exc
+            client = AsyncModbusTlsClient(c.host, sslctx=sslctx, **options)
         client.register(_FastReadResponse)
         self._answered = False
         self._loss = None
         try:
             async with asyncio.timeout(c.connect_timeout_s):
-                if self._sslctx is None:
+                if c.tls is None:
                     # pymodbus' connect() swallows the OSError and returns False; its factory
                     # (the same create_connection call) lets us log why: refused, unreachable...
                     await client.ctx.call_create()
                 else:
-                    await self._connect_tls(client)
+                    await self._connect_tls(client, sslctx)
         except TimeoutError as exc:
             client.close()
             if self._loss is not None:  # TCP is up: the handshake is what hangs
@@ -310,7 +315,7 @@ class ModbusDriver(PlcDriver):
             client.close()
             if isinstance(exc, ssl.SSLError) or self._loss is not None:
                 # An SSLError's errno is OpenSSL's, not the system's: never os.strerror it.
-                raise PlcConnectionLost(
+                raise PlcSecurityError(
                     f"{self.where}: TLS: {describe_tls_error(exc)}", plc=self.name
                 ) from exc
             # asyncio words it "Connect call failed (host, port)": say why, not where.
@@ -318,7 +323,7 @@ class ModbusDriver(PlcDriver):
             raise PlcConnectionLost(f"{self.where}: connect failed: {why}", plc=self.name) from exc
         return client
 
-    async def _connect_tls(self, client: AsyncModbusTcpClient) -> None:
+    async def _connect_tls(self, client: AsyncModbusTcpClient, sslctx: ssl.SSLContext) -> None:
         """Connect and handshake with our SSL context, naming the host the PLC's certificate
         must carry (pymodbus passes none); ``_connect``'s deadline covers the handshake."""
         tls = self.config.tls
@@ -333,7 +338,7 @@ class ModbusDriver(PlcDriver):
             protocol,
             self.config.host,
             self.config.port,
-            ssl=self._sslctx,
+            ssl=sslctx,
             server_hostname=tls.server_hostname or self.config.host,
         )
 
@@ -352,7 +357,7 @@ class ModbusDriver(PlcDriver):
             return f"TLS: {describe_tls_error(error)}"
         if self._answered:
             return "connection closed by the PLC"
-        if self._sslctx is not None:
+        if self.config.tls is not None:
             # TLS 1.3 checks our certificate after our side of the handshake is done; a PLC
             # that refuses it may just close the connection.
             return (

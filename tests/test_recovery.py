@@ -4,6 +4,7 @@ restart it, and still lose no unit and run no step twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -132,3 +133,49 @@ async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice_pos
     pg_url,  # noqa: F811
 ):
     await crash_and_resume(tmp_path, pg_url)
+
+
+async def test_a_plc_unreachable_at_restart_holds_up_only_the_units_that_need_it(tmp_path):
+    """Crash with units on both parallel lines; restart with line 2's PLC down: line 1's units
+    carry on at once, line 2's wait for their PLC and then finish. Nothing is lost or rerun."""
+    from linectl.journal import Journal
+    from linectl.supervisor import Supervisor
+    from tests.test_supervisor import make_line
+
+    line = parse_config(
+        make_line(
+            {"l1": "cycle_s: 4", "l2": "cycle_s: 4"},
+            "[{route: {policy: round_robin, branches: [[l1], [l2]]}}]",
+            plcs=2,
+            extra="release: {count: 16}",
+        )
+    )
+    db = f"sqlite:///{tmp_path / 'resume.sqlite3'}"
+    async with SimLine(line, free_ports=True, heartbeat_period_s=0.05) as sim:
+        async with await TraceStore.open(db, line.line) as store:
+            first = Supervisor(sim.line, journal=Journal(store))
+            task = asyncio.create_task(first.run())
+            await eventually(
+                lambda: first.finished >= 4 and all(st.load() for st in first.stations.values()),
+                what="units in process on both lines",
+            )
+            task.cancel()  # the controller dies with steps open on both PLCs
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await sim.servers["p1"].stop()
+        async with await TraceStore.open(db, line.line) as store:
+            second = Supervisor(sim.line, journal=Journal(store), exit_when_done=True)
+            second.on_event = second.check_invariants
+            task = asyncio.create_task(second.run())
+            resumed = await eventually(lambda: second.recovered, what="recovery")
+            assert resumed >= 2
+            done = second.finished
+            await eventually(lambda: second.finished >= done + 3, what="line 1 carrying on")
+            assert not second.stations["l2"].connected
+            await sim.servers["p1"].start()
+            async with asyncio.timeout(20):
+                await task
+            units = await store.units()
+    assert len(units) == 16 and {u.status for u in units} == {"finished"}
+    for name in ("l1", "l2"):
+        assert max(sim.completions()[name].values()) == 1

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import re
 import ssl
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,30 @@ async def test_an_unreadable_certificate_file_is_told_at_connect_naming_the_fiel
         f"plc 'p' (127.0.0.1:0): TLS: plcs.p.tls.ca: cannot use {pki}/missing.pem as CA "
         "certificates: No such file or directory"
     )
+
+
+def _doc_blocks() -> list[str]:
+    """The indented blocks of docs/security.md's Modbus/TCP Security section."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    section = doc.split("\n## Modbus/TCP Security\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"(?:^|\n\n)((?:    .*\n|\n)+)", section)
+    return [textwrap.dedent(b).strip() + "\n" for b in blocks]
+
+
+def test_the_examples_in_docs_security_md_are_valid_configs():
+    blocks = _doc_blocks()
+    (plcs,) = [b for b in blocks if b.startswith("plcs:")]
+    (sim,) = [b for b in blocks if b.startswith("tls:")]
+    rest = "stations:\n  s1: {plc: cell_b, address: 0, cycle_s: 1}\nflow: [s1]\n"
+    doc = "docs/security.md"
+    tls = parse_config(f"line: doc\n{plcs}{rest}", doc).plcs["cell_b"].tls
+    assert tls is not None and tls.ca == Path("docs/pki/plant-ca.pem")
+    plc = "plcs:\n  cell_b:\n    protocol: modbus\n    host: 127.0.0.1\n" + textwrap.indent(
+        sim, "    "
+    )
+    tls = parse_config(f"line: doc\n{plc}{rest}", doc).plcs["cell_b"].tls
+    assert tls is not None and tls.sim is not None
+    assert any(b.startswith("linectl certs linectl-cell-b") for b in blocks)
 
 
 def test_the_allow_list_is_the_command_area_of_every_slot():

@@ -73,8 +73,11 @@ def _load_ca(ctx: ssl.SSLContext, file: Path, field: str) -> None:
 def _load_identity(
     ctx: ssl.SSLContext, cert: Path, key: Path, path: str, *, password_env: str | None
 ) -> None:
+    asked = []
+
     def password() -> str:
         # Without a callable OpenSSL would prompt on the terminal: a service would hang.
+        asked.append(True)
         if password_env is None:
             raise ConfigError(
                 [
@@ -108,8 +111,8 @@ def _load_identity(
         reason = _ssl_reason(exc)
         if exc.reason == "KEY_VALUES_MISMATCH":
             why = f"{key} is not the key of {cert}"
-        elif exc.reason in {"BAD_DECRYPT", "BAD_PASSWORD_READ"}:
-            why = f"wrong password for {key}"
+        elif asked:  # OpenSSL says only "PEM lib" for a wrong password
+            why = f"cannot decrypt {key} with the password in {password_env} (wrong password?)"
         else:
             why = f"{cert} and {key} must be a certificate and its PEM key ({reason})"
         raise ConfigError([f"{path}.certificate: {why}"]) from exc

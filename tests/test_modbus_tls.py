@@ -154,6 +154,31 @@ def test_an_unusable_certificate_file_is_a_config_error_naming_the_field(pki):
         client_context(tls_line(pki, tls=tls).plcs["p"].tls, "plcs.p.tls")
 
 
+def test_an_encrypted_key_is_read_with_the_password_from_the_named_variable(pki, monkeypatch):
+    key = serialization.load_pem_private_key((pki / "linectl.key").read_bytes(), None)
+    locked = pki / "linectl-locked.key"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    base = f"ca: {pki}/ca.pem, certificate: {pki}/linectl.pem, private_key: {locked}"
+    without = tls_line(pki, tls=base, sim=False).plcs["p"].tls
+    with pytest.raises(ConfigError, match=r"is encrypted; name the environment variable"):
+        client_context(without, "plcs.p.tls")  # an error, never a prompt on the terminal
+    named = tls_line(pki, tls=base + ", private_key_password_env: KEY_PW", sim=False)
+    with pytest.raises(ConfigError, match=r"variable KEY_PW is not set or empty"):
+        client_context(named.plcs["p"].tls, "plcs.p.tls")
+    monkeypatch.setenv("KEY_PW", "wrong")
+    wrong = r"cannot decrypt .*locked.key with the password in KEY_PW"
+    with pytest.raises(ConfigError, match=wrong):
+        client_context(named.plcs["p"].tls, "plcs.p.tls")
+    monkeypatch.setenv("KEY_PW", "s3cret")
+    assert client_context(named.plcs["p"].tls).verify_mode == ssl.CERT_REQUIRED
+
+
 async def test_an_unreadable_certificate_file_is_told_at_connect_naming_the_field(pki):
     tls = f"ca: {pki}/missing.pem, certificate: {pki}/linectl.pem, private_key: {pki}/linectl.key"
     reason = await refused(tls_line(pki, tls=tls, sim=False))

@@ -178,8 +178,9 @@ class Supervisor:
     def _on_driver_event(self, event: DriverEvent) -> None:
         if isinstance(event, SlotUpdate):
             st = self.stations[event.station]
-            if st.violation and event.resync:
-                st.violation = ""
+            # A driver reports a violation once and then withholds the slot until its values
+            # are back in the contract, so any update means the station is trustworthy again.
+            st.violation = ""
             self._on_slot(st.slots[event.slot], event.status, event.at)
             st.last_state = st.slots[0].status.state if st.slots[0].status else State.UNDEFINED
         elif isinstance(event, ConnectionChange):
@@ -231,6 +232,8 @@ class Supervisor:
                     self._finished(tok, status, at)
                 elif status.state == State.ABORTED:
                     self._faulted(tok, status, at)
+            elif tok.phase == Phase.RUNNING:
+                self._lost(tok, status, at)
         elif tok is None and not slot.busy and not slot.needs_reset:
             if status.state in (State.COMPLETE, State.ABORTED):
                 # Not a unit we hold here (handed on, dropped, or from before a restart).
@@ -320,22 +323,45 @@ class Supervisor:
         slot.occupant = None
         slot.needs_reset = True
         slot.reset_at = at + self._reset_backoff(st)
+        self._retry(
+            tok,
+            f"faulted {tok.attempt} times at {st.name} (last fault code {status.fault_code})",
+            at,
+        )
+
+    def _lost(self, tok: Token, status: SlotStatus, at: float) -> None:
+        """The PLC no longer shows the unit it was working on (it restarted, or was reset by
+        hand): the step's outcome is unknown, so it is tried again like a faulted one."""
+        slot = tok.slot
+        assert slot is not None
+        st = slot.station
+        unit = tok.unit
+        log.warning(
+            "station '%s' lost unit %s (PLC shows seq %d, unit %d); trying it again",
+            st.name,
+            unit.serial,
+            status.ack_seq,
+            status.unit,
+        )
+        self.journal.step_finished(unit.id, st.name, tok.attempt, self.wall(at), "abandoned")
+        slot.occupant = None
+        st.account(at)
+        self._retry(tok, f"lost {tok.attempt} times at {st.name} (PLC restarted?)", at)
+
+    def _retry(self, tok: Token, reason: str, at: float) -> None:
+        """Send a token whose step failed back to try again, or quarantine its unit."""
+        unit = tok.unit
+        station = tok.station
         tok.slot = None
         tok.phase = Phase.WAITING
         if tok.discard or unit.status != "in_line":
             self._drop(tok)
             return
+        node = self.flow.stations[station]
         if tok.attempt >= self.line.retry.attempts:
-            self._quarantine(
-                unit,
-                f"faulted {tok.attempt} times at {st.name} (last fault code {status.fault_code})",
-                at,
-                failed=tok,
-                node=self.flow.stations[st.name],
-            )
+            self._quarantine(unit, reason, at, failed=tok, node=node)
             return
-        node = self.flow.stations[st.name]
-        route = self.flow.route_of(st.name)
+        route = self.flow.route_of(station)
         # The first station of a route branch: try the unit on whichever branch is up.
         if route is not None and node.parent is route[0].branches[route[1]] and node.index == 0:
             tok.target = route[0]

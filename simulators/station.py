@@ -198,6 +198,14 @@ class SimStation:
                 s.timer.cancel()
                 s.timer = None
 
+    def power_up(self) -> None:
+        """Come back from a power cycle: every slot Idle, no unit, sequence numbers from 0."""
+        self.stop()
+        for i, s in enumerate(self._slots):
+            s.command = (0, 0, 0)
+            s.status = SlotStatus()
+            self.plc.changed(self, i)
+
 
 class SimPlc:
     """The stations of one simulated PLC and the heartbeat they share."""
@@ -242,3 +250,9 @@ class SimPlc:
     def stop(self) -> None:
         for st in self.stations.values():
             st.stop()
+
+    def power_cycle(self) -> None:
+        """Fault injection: the PLC restarts and forgets every unit it was working on."""
+        self.heartbeat = 0
+        for st in self.stations.values():
+            st.power_up()

@@ -278,3 +278,31 @@ def test_next_after_walks_out_of_routes_and_into_joins():
     assert not isinstance(after_a, StationNode) and after_a is flow.root.steps[1]
     assert isinstance(next_after(flow.stations["c"]), Join)
     assert isinstance(next_after(flow.root.steps[1]), Exit)
+
+
+@pytest.mark.parametrize("protocol", ["modbus", "opcua"])
+async def test_a_plc_that_restarts_mid_cycle_gets_its_units_again(protocol):
+    """A power cycle makes the PLC forget the unit it was working on (Idle, sequence numbers
+    from 0): the step is abandoned and run again, and every unit still finishes."""
+    line = make_line(
+        {"a": "cycle_s: 20", "b": "cycle_s: 1"},
+        "[a, b]",
+        protocol=protocol,
+        extra="release: {count: 3}",
+    )
+    async with running_line(line) as run:
+        await eventually(
+            lambda: (
+                run.sim.station("a").starts[1] == 1
+                and run.sup.stations["a"].slots[0].occupant
+                and run.sup.stations["a"].slots[0].occupant.phase.value == "running"
+            ),
+            what="unit 1 in process at a",
+        )
+        # A restart drops the PLC's connections, and it comes back with nothing in process.
+        run.sim.servers["p0"].drop_connections()
+        run.sim.plcs["p0"].power_cycle()
+        await run.wait_finished(3, within=20)
+        assert run.sup.finished == 3
+        assert run.sim.station("a").starts[1] == 2  # run again after the restart
+        assert run.sim.station("a").completions[1] == 1

@@ -192,8 +192,8 @@ async def test_dropped_connections_are_rebuilt() -> None:
     ("kind", "message"),
     [
         ("state", r"node ns=\d+;s=LinectlStations\.b1\.Slot1\.Status: unknown state code 99"),
-        ("unit", r"b1.*unit \d+ was never commanded"),
-        ("seq", r"b1.*ack_seq went backwards from 4 to 3"),
+        ("unit", r"b1.*unit \d+ was neither there at connect nor commanded"),
+        ("seq", r"b1.*echoed sequence number went back from 4 to 3"),
     ],
 )
 async def test_out_of_contract_values_are_violations(kind: str, message: str) -> None:

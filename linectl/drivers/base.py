@@ -10,11 +10,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from linectl.config import ModbusPlc, OpcUaPlc, Station
-from linectl.contract import Command, SlotStatus
+from linectl.contract import Command, SlotStatus, is_newer
 from linectl.errors import ProtocolViolation
 
 
@@ -86,6 +87,49 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+SlotKey = tuple[str, int]  # (station, slot)
+
+
+class SlotGuard:
+    """The contract checks every driver makes of a slot's status, whatever the protocol: the
+    echoed sequence number never goes back (serial-number arithmetic, so it may wrap), and a
+    unit appears in a slot only if it was there at connect or linectl commanded it there."""
+
+    RECENT_UNITS = 16  # units commanded per slot that may still show up
+
+    def __init__(self) -> None:
+        self._ack: dict[SlotKey, int] = {}
+        self._units: dict[SlotKey, deque[int]] = {}
+
+    def baseline(self, key: SlotKey, status: SlotStatus) -> None:
+        """The first snapshot after a connect is the truth: the PLC may have restarted."""
+        self._ack[key] = status.ack_seq
+        units = self._units.setdefault(key, deque(maxlen=self.RECENT_UNITS))
+        if status.unit:
+            units.append(status.unit)
+
+    def commanded(self, key: SlotKey, unit: int) -> None:
+        """Call before sending a START: the status showing it may arrive before the answer."""
+        if unit:
+            self._units.setdefault(key, deque(maxlen=self.RECENT_UNITS)).append(unit)
+
+    def check(self, key: SlotKey, status: SlotStatus) -> tuple[str, str] | None:
+        """``None`` when ``status`` keeps the contract, else (field at fault, problem)."""
+        if key not in self._ack:
+            self.baseline(key, status)
+            return None
+        high = self._ack[key]
+        if status.ack_seq != high and not is_newer(status.ack_seq, high):
+            return "ack_seq", f"echoed sequence number went back from {high} to {status.ack_seq}"
+        if status.unit and status.unit not in self._units.get(key, ()):
+            return (
+                "unit",
+                f"unit {status.unit} was neither there at connect nor commanded by linectl",
+            )
+        self._ack[key] = status.ack_seq
+        return None
 
 
 class PlcDriver(abc.ABC):

@@ -22,7 +22,6 @@ import random
 import ssl
 import struct
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -57,6 +56,7 @@ from linectl.drivers.base import (
     DriverStatistics,
     EventSink,
     PlcDriver,
+    SlotGuard,
     SlotUpdate,
     StationViolation,
 )
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 # One unanswered request may be a hiccup; this many in a row is a half-open connection.
 MAX_CONSECUTIVE_TIMEOUTS = 2
 # Units recently commanded per slot, any of which the PLC may legitimately show next.
-_COMMANDED_MEMORY = 8
 _EXCEPTION_NAMES = {
     1: "ILLEGAL_FUNCTION",
     2: "ILLEGAL_DATA_ADDRESS",
@@ -217,9 +216,7 @@ class ModbusDriver(PlcDriver):
         # What we last saw and told, per station or (station, slot).
         self._raw: dict[str, list[int]] = {}
         self._last: dict[tuple[str, int], SlotStatus | None] = {}
-        self._ack_high: dict[tuple[str, int], int] = {}
-        self._unit_seen: dict[tuple[str, int], int] = {}
-        self._commanded: dict[tuple[str, int], deque[int]] = {}
+        self._guard = SlotGuard()
         self._violations: dict[tuple[str, int | None], str] = {}
         self._heartbeat: int | None = None
         self._heartbeat_at = 0.0
@@ -382,8 +379,6 @@ class ModbusDriver(PlcDriver):
         self._raw.clear()
         self._last.clear()
         self._violations.clear()
-        self._ack_high.clear()
-        self._unit_seen.clear()
         self._heartbeat = None
         self._consecutive_timeouts = 0
         await self._poll(resync=True)
@@ -543,32 +538,14 @@ class ModbusDriver(PlcDriver):
     ) -> None:
         key = (station, slot)
         first = slot_base(self._base[station], slot)
-        if resync or key not in self._ack_high:
-            # The first snapshot after a connect is the baseline: a PLC may have restarted.
-            self._ack_high[key] = status.ack_seq
-            self._unit_seen[key] = status.unit
-        high = self._ack_high[key]
-        if status.ack_seq < high:
-            self._violate(
-                station,
-                slot,
-                f"echoed sequence number went back from {high} to {status.ack_seq} "
-                f"at register {first + S_ACK_SEQ}",
-                at,
-            )
+        if resync:
+            self._guard.baseline(key, status)
+        problem = self._guard.check(key, status)
+        if problem is not None:
+            field, text = problem
+            register = first + (S_ACK_SEQ if field == "ack_seq" else S_UNIT)
+            self._violate(station, slot, f"{text} at register {register}", at)
             return
-        unit = status.unit
-        if unit and unit != self._unit_seen[key] and unit not in self._commanded.get(key, ()):
-            self._violate(
-                station,
-                slot,
-                f"unit {unit} at register {first + S_UNIT} was neither there at connect "
-                f"nor commanded by linectl",
-                at,
-            )
-            return
-        self._ack_high[key] = status.ack_seq
-        self._unit_seen[key] = unit
         if self._clear(station, slot):
             self._last[key] = None  # tell the recovered status even if it equals the old one
         if resync or status != self._last.get(key):
@@ -611,9 +588,7 @@ class ModbusDriver(PlcDriver):
             raise PlcConnectionLost(f"{where}: not connected", plc=self.name, station=station)
         if code == Command.START and unit:
             # Before the write: a poll may show the unit before this coroutine resumes.
-            self._commanded.setdefault((station, slot), deque(maxlen=_COMMANDED_MEMORY)).append(
-                unit
-            )
+            self._guard.commanded((station, slot), unit)
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._write_command(station, slot, words)

@@ -50,6 +50,7 @@ from linectl.drivers.base import (
     DriverStatistics,
     EventSink,
     PlcDriver,
+    SlotGuard,
     SlotUpdate,
     StationViolation,
 )
@@ -134,7 +135,6 @@ _REFUSED = {
     ua.StatusCodes.BadUserAccessDenied: "the PLC refused the login",
 }
 _MONITORED_QUEUE = 8  # per Status item: keeps Execute -> Complete apart within one publish
-_RECENT_UNITS = 64  # units commanded per slot that may still show up
 
 
 @dataclass
@@ -164,7 +164,7 @@ class OpcUaDriver(PlcDriver):
         self._client: Client | None = None
         self._nodes: _Nodes | None = None
         self._last: dict[SlotKey, SlotStatus] = {}
-        self._units: dict[SlotKey, dict[int, None]] = {}  # ordered set of allowed unit ids
+        self._guard = SlotGuard()
         self._heartbeat: int | None = None
         self._beat = asyncio.Event()
         self._requests = 0
@@ -610,23 +610,17 @@ class OpcUaDriver(PlcDriver):
         except ContractViolation as exc:
             self._violation(key, node, str(exc), at)
             return
-        units = self._units.setdefault(key, {})
         last = self._last.get(key)
         self._last[key] = status
         if resync:
-            if status.unit:
-                units[status.unit] = None
+            self._guard.baseline(key, status)
             self._sink(SlotUpdate(self.name, station, slot, status, at, resync=True))
             return
         if status == last:
             return
-        if last is not None and status.ack_seq < last.ack_seq:
-            self._violation(
-                key, node, f"ack_seq went backwards from {last.ack_seq} to {status.ack_seq}", at
-            )
-            return
-        if status.unit and status.unit not in units:
-            self._violation(key, node, f"unit {status.unit} was never commanded", at)
+        problem = self._guard.check(key, status)
+        if problem is not None:
+            self._violation(key, node, problem[1], at)
             return
         self._sink(SlotUpdate(self.name, station, slot, status, at))
 
@@ -653,12 +647,7 @@ class OpcUaDriver(PlcDriver):
         key = (station, slot)
         if key not in nodes.command:
             raise ValueError(f"{self.where} has no station '{station}' slot {slot}")
-        if unit:
-            # Allowed before the call: the change showing it may arrive before the answer.
-            units = self._units.setdefault(key, {})
-            units[unit] = None
-            while len(units) > _RECENT_UNITS:
-                del units[next(iter(units))]
+        self._guard.commanded(key, unit)
         obj, method = nodes.command[key]
         request = ua.CallMethodRequest()
         request.ObjectId = obj

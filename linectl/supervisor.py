@@ -697,17 +697,24 @@ class Supervisor:
         """Send until the PLC echoes ``seq``. Re-sending the same sequence number is safe: the
         PLC evaluates it once. Waits out lost connections; the driver owns reconnecting."""
         st = slot.station
-        delay = 0.05
+        delay = 0.01
         while True:
             try:
                 status = await driver.command(st.name, slot.index, seq, code, unit)
             except PlcConnectionLost:
-                await driver.wait_connected()
+                if driver.connected:
+                    # The link broke and the driver has not noticed yet. Sleep rather than
+                    # spin: a failure raised before any await would starve the loop, and with
+                    # it the driver that is to notice.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                else:
+                    await driver.wait_connected()
                 continue
             except PlcTimeout as exc:
                 log.info("%s; sending seq %d again", exc, seq)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
                 continue
             self._on_slot(slot, status, self.now())
             return status

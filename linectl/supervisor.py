@@ -1,12 +1,9 @@
-"""The supervisor: releases units, commands each unit's next station, balances routes, and keeps
-every unit accounted for through rejects, faults and lost connections.
+"""The supervisor: the dispatcher's decisions carried out against real PLCs.
 
-Data flows one way: a driver reports a slot's status -> ``_on_slot`` updates the unit's token
--> the dispatch pass moves tokens that can move -> a command task writes the step to the
-journal (durably, before the PLC sees it) and commands the PLC through the driver.
-
-All state lives in this event loop and is changed only by the loop's callbacks and tasks, so no
-locks are needed. Time is the loop's clock; wall-clock time exists only in the journal.
+It owns the drivers (one per PLC), the journal's writer task and the command tasks, all in one
+TaskGroup; turns driver events into slot statuses for the dispatcher; sends each command until
+the PLC echoes its sequence number; and, on start, puts the journal's open units back in the
+line (see recovery.py) and settles their open steps with the PLCs.
 """
 
 from __future__ import annotations
@@ -15,10 +12,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from linectl.config import Line
-from linectl.contract import CmdStatus, Command, Result, SlotStatus, State, is_newer
+from linectl.contract import Command, SlotStatus, State, is_newer
+from linectl.dispatcher import Dispatcher
 from linectl.drivers import make_driver
 from linectl.drivers.base import (
     ConnectionChange,
@@ -28,41 +25,16 @@ from linectl.drivers.base import (
     StationViolation,
 )
 from linectl.errors import CommandRefused, PlcConnectionLost, PlcTimeout
-from linectl.flow import (
-    CompiledFlow,
-    Exit,
-    ForkNode,
-    Join,
-    Node,
-    RouteNode,
-    StationNode,
-    compile_flow,
-    next_after,
-)
-from linectl.histogram import Histogram
 from linectl.journal import Journal
-from linectl.linestate import (
-    Phase,
-    Recent,
-    Slot,
-    StationState,
-    StationStatistics,
-    SupervisorStatistics,
-    Token,
-    Unit,
-)
-from linectl.policies import BranchView, RouteState, choose, commit
+from linectl.linestate import Phase, Slot, Token, Unit
 from linectl.recovery import ReplayError, replay
 
 log = logging.getLogger("linectl.supervisor")
 
 DriverFactory = Callable[..., PlcDriver]
 
-# Policies that choose among branches with room now; the others keep strict turns.
-WORK_CONSERVING = frozenset({"least_loaded", "shortest_expected"})
 
-
-class Supervisor:
+class Supervisor(Dispatcher):
     """Runs one line. ``await run()`` until ``stop()`` (or until ``release.count`` units are done
     when ``exit_when_done``)."""
 
@@ -75,45 +47,14 @@ class Supervisor:
         exit_when_done: bool = False,
         drain_timeout_s: float = 10.0,
     ) -> None:
-        self.line = line
-        self.flow: CompiledFlow = compile_flow(line)
-        self.journal = journal or Journal()
-        self.exit_when_done = exit_when_done
+        super().__init__(line, journal=journal, exit_when_done=exit_when_done)
         self.drain_timeout_s = drain_timeout_s
-        self.stations = {
-            name: StationState(name, cfg, cfg.plc) for name, cfg in line.stations.items()
-        }
-        self.max_wip = line.release.max_wip or sum(s.capacity for s in line.stations.values())
-        self.units: dict[int, Unit] = {}  # in the line
-        self.quarantined: dict[int, Unit] = {}
-        self.paused = False
-        self.next_unit_id = 1
-        self.released = 0
-        self.recovered = 0  # units found in the line or in quarantine at start
-        self.finished = 0
-        self.rejected = 0
-        self.quarantine_count = 0
-        self.finish_times = Recent()
-        self.lead_times = Recent()
-        self.handovers = Recent()
-        self.lead_hist = Histogram()
-        self.handover_hist = Histogram()
-        self.on_event: Callable[[], None] | None = None  # tests hook invariant checks here
-        self._route_state: dict[int, RouteState] = {id(r): RouteState() for r in self.flow.routes}
-        self._waiting: dict[int, Token] = {}  # id(token) -> token with somewhere to go
         self._drivers: dict[str, PlcDriver] = {}
         self._driver_factory = driver_factory
-        self._kick = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._idle = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._commands: set[asyncio.Task[None]] = set()
-        self._t0 = 0.0
-        self._wall0 = 0.0
-        self._last_release = -float("inf")
-        self._wake: asyncio.TimerHandle | None = None
 
-    # --- life cycle ---------------------------------------------------------------------
+    # --- life cycle -------------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,16 +105,13 @@ class Supervisor:
     async def _journal_loop(self) -> None:
         await self.journal.run()
 
-    # --- wall clock for the journal -----------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            self._dispatch()
 
-    def now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def wall(self, t: float | None = None) -> datetime:
-        t = self.now() if t is None else t
-        return datetime.fromtimestamp(self._wall0 + (t - self._t0), UTC)
-
-    # --- events from drivers ------------------------------------------------------------
+    # --- events from drivers ----------------------------------------------------------
 
     def _on_driver_event(self, event: DriverEvent) -> None:
         if isinstance(event, SlotUpdate):
@@ -201,437 +139,19 @@ class Supervisor:
             )
         self._changed()
 
-    def _on_slot(self, slot: Slot, status: SlotStatus, at: float) -> None:
-        previous = slot.status
-        slot.seen(status)
-        st = slot.station
-        if previous is None or previous.state != status.state:
-            self.journal.station_event(
-                st.name,
-                "state",
-                self.wall(at),
-                int(status.state),
-                f"slot {slot.index} unit {status.unit}",
-            )
-        tok = slot.occupant
-        if tok is not None and tok.phase in (Phase.COMMANDED, Phase.RUNNING):
-            ours = (
-                status.ack_seq == tok.seq
-                and status.cmd_status == CmdStatus.ACCEPTED
-                and status.unit == tok.unit.id
-            )
-            if ours:
-                if tok.phase == Phase.COMMANDED and status.state in (
-                    State.EXECUTE,
-                    State.COMPLETE,
-                    State.ABORTED,
-                ):
-                    tok.phase = Phase.RUNNING
-                    self.journal.step_accepted(tok.unit.id, st.name, tok.attempt, self.wall(at))
-                if status.state == State.COMPLETE:
-                    self._finished(tok, status, at)
-                elif status.state == State.ABORTED:
-                    self._faulted(tok, status, at)
-            elif tok.phase == Phase.RUNNING:
-                self._lost(tok, status, at)
-        elif tok is None and not slot.busy and not slot.needs_reset:
-            if status.state in (State.COMPLETE, State.ABORTED):
-                # Not a unit we hold here (handed on, dropped, or from before a restart).
-                slot.needs_reset = True
-                if status.state == State.ABORTED:
-                    slot.reset_at = at + self._reset_backoff(st)
-        st.account(at)
+    # --- command tasks ----------------------------------------------------------------
 
-    # --- a step ends --------------------------------------------------------------------
-
-    def _finished(self, tok: Token, status: SlotStatus, at: float) -> None:
-        st = tok.slot.station  # type: ignore[union-attr]
-        unit = tok.unit
-        st.cycles += 1
-        st.consecutive_faults = 0
-        if status.cycle_time_ms:
-            st.observe_cycle(status.cycle_time_ms / 1000)
-            st.cycle_hist.observe(status.cycle_time_ms / 1000 * self.line.time_scale)
-        rejected = status.result == Result.REJECT
-        if rejected:
-            st.rejected += 1
-        else:
-            st.passed += 1
-        self.journal.step_finished(
-            unit.id,
-            st.name,
-            tok.attempt,
-            self.wall(at),
-            "reject" if rejected else "pass",
-            0,
-            status.cycle_time_ms / 1000 if status.cycle_time_ms else None,
-        )
-        if tok.discard or unit.status != "in_line":
-            self._vacate(tok)
-            self._drop(tok)
-            return
-        if rejected:
-            self.rejected += 1
-            self._quarantine(unit, f"rejected at {st.name}", at, failed=tok)
-            return
-        tok.phase = Phase.DONE
-        tok.done_at = at
-        self._advance(tok, next_after(self.flow.stations[st.name]), at)
-
-    def _advance(self, tok: Token, where: Node | Join | Exit, at: float) -> None:
-        """Send a token that is done with its current place to ``where``."""
-        unit = tok.unit
-        if isinstance(where, Exit):
-            self._vacate(tok)
-            self._drop(tok)
-            self._finish_unit(unit, at)
-        elif isinstance(where, Join):
-            self._vacate(tok)
-            self._drop(tok)
-            key = id(where.fork)
-            unit.joins[key] = unit.joins.get(key, 0) + 1
-            if unit.joins[key] == len(where.fork.branches):
-                del unit.joins[key]
-                joined = Token(unit, None, forks=tok.forks[:-1])
-                joined.done_at = at
-                unit.tokens.append(joined)
-                self._advance(joined, next_after(where.fork), at)
-        else:
-            tok.target = where
-            self._waiting[id(tok)] = tok
-
-    def _faulted(self, tok: Token, status: SlotStatus, at: float) -> None:
-        slot = tok.slot
-        assert slot is not None
-        st = slot.station
-        unit = tok.unit
-        st.faults += 1
-        st.consecutive_faults += 1
-        self.journal.step_finished(
-            unit.id, st.name, tok.attempt, self.wall(at), "fault", status.fault_code, None
-        )
-        self.journal.station_event(
-            st.name,
-            "fault",
-            self.wall(at),
-            int(State.ABORTED),
-            f"fault code {status.fault_code} with unit {unit.serial}",
-        )
-        log.warning(
-            "station '%s' faulted (code %d) with unit %s", st.name, status.fault_code, unit.serial
-        )
-        slot.occupant = None
-        slot.needs_reset = True
-        slot.reset_at = at + self._reset_backoff(st)
-        self._retry(
-            tok,
-            f"faulted {tok.attempt} times at {st.name} (last fault code {status.fault_code})",
-            at,
-        )
-
-    def _lost(self, tok: Token, status: SlotStatus, at: float) -> None:
-        """The PLC no longer shows the unit it was working on (it restarted, or was reset by
-        hand): the step's outcome is unknown, so it is tried again like a faulted one."""
-        slot = tok.slot
-        assert slot is not None
-        st = slot.station
-        unit = tok.unit
-        log.warning(
-            "station '%s' lost unit %s (PLC shows seq %d, unit %d); trying it again",
-            st.name,
-            unit.serial,
-            status.ack_seq,
-            status.unit,
-        )
-        self.journal.step_finished(unit.id, st.name, tok.attempt, self.wall(at), "abandoned")
-        slot.occupant = None
-        st.account(at)
-        self._retry(tok, f"lost {tok.attempt} times at {st.name} (PLC restarted?)", at)
-
-    def _retry(self, tok: Token, reason: str, at: float) -> None:
-        """Send a token whose step failed back to try again, or quarantine its unit."""
-        unit = tok.unit
-        station = tok.station
-        tok.slot = None
-        tok.phase = Phase.WAITING
-        if tok.discard or unit.status != "in_line":
-            self._drop(tok)
-            return
-        node = self.flow.stations[station]
-        if tok.attempt >= self.line.retry.attempts:
-            self._quarantine(unit, reason, at, failed=tok, node=node)
-            return
-        route = self.flow.route_of(station)
-        # The first station of a route branch: try the unit on whichever branch is up.
-        if route is not None and node.parent is route[0].branches[route[1]] and node.index == 0:
-            tok.target = route[0]
-        else:
-            tok.target = node
-        self._waiting[id(tok)] = tok
-
-    def _reset_backoff(self, st: StationState) -> float:
-        retry = self.line.retry
-        n = max(st.consecutive_faults, 1)
-        return min(retry.backoff_s * 2 ** (n - 1), retry.backoff_max_s) * self.line.time_scale
-
-    def _vacate(self, tok: Token) -> None:
-        """The token leaves its slot: the PLC is owed a RESET to hand the slot back."""
-        slot = tok.slot
-        if slot is not None:
-            slot.occupant = None
-            slot.needs_reset = True
-            tok.slot = None
-            slot.station.account(self.now())
-
-    def _drop(self, tok: Token) -> None:
-        self._waiting.pop(id(tok), None)
-        if tok in tok.unit.tokens:
-            tok.unit.tokens.remove(tok)
-
-    def _finish_unit(self, unit: Unit, at: float) -> None:
-        unit.status = "finished"
-        unit.finished_at = at
-        del self.units[unit.id]
-        self.finished += 1
-        self.finish_times.append(at - self._t0)
-        self.lead_times.append(at - unit.released_at)
-        self.lead_hist.observe(at - unit.released_at)
-        self.journal.unit_finished(unit.id, self.wall(at), unit.branch_label)
-        self._check_done()
-
-    def _quarantine(
-        self,
-        unit: Unit,
-        reason: str,
-        at: float,
-        *,
-        failed: Token | None = None,
-        node: Node | None = None,
-    ) -> None:
-        log.warning("unit %s quarantined: %s", unit.serial, reason)
-        unit.status = "quarantined"
-        unit.reason = reason
-        if failed is not None and failed.slot is not None:
-            self._vacate(failed)
-        where = node or (self.flow.stations[failed.station] if failed is not None else None)
-        unit.resume = _top_level_index(where) if where is not None else 0
-        for tok in list(unit.tokens):
-            if tok.phase in (Phase.COMMANDED, Phase.RUNNING) and tok.slot is not None:
-                tok.discard = True  # let the PLC finish the cycle, then drop the token
-            else:
-                self._vacate(tok)
-                self._drop(tok)
-        del self.units[unit.id]
-        self.quarantined[unit.id] = unit
-        self.quarantine_count += 1
-        self.journal.unit_quarantined(unit.id, reason, self.wall(at))
-        self._check_done()
-
-    def release_quarantined(self, unit_id: int) -> Unit:
-        """Put a quarantined unit back into the line at the flow step where it failed."""
-        unit = self.quarantined.pop(unit_id)
-        if any(t.slot is not None for t in unit.tokens):
-            self.quarantined[unit_id] = unit
-            raise ValueError(f"unit {unit.serial} is still finishing a cycle; try again")
-        unit.status = "in_line"
-        unit.attempts.clear()
-        unit.joins.clear()
-        unit.tokens.clear()
-        self.units[unit.id] = unit
-        tok = Token(unit, self.flow.root.steps[unit.resume])
-        unit.tokens.append(tok)
-        self._waiting[id(tok)] = tok
-        self.journal.quarantine_released(unit.id, self.wall())
-        self._changed()
-        return unit
-
-    def _check_done(self) -> None:
-        count = self.line.release.count
-        if (
-            self.exit_when_done
-            and count is not None
-            and not self._release_left()
-            and not self.units
-            and not any(t.slot for u in self.quarantined.values() for t in u.tokens)
-        ):
-            self.stop()
-
-    # --- dispatch -----------------------------------------------------------------------
-
-    def _changed(self) -> None:
-        if self.on_event is not None:
-            self.on_event()
-        self._idle.set()
-        self._kick.set()
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        now = self.now()
-        next_wake = float("inf")
-        for st in self.stations.values():
-            for slot in st.slots:
-                if slot.needs_reset and not slot.busy and st.connected:
-                    if now >= slot.reset_at:
-                        self._spawn(self._reset(slot))
-                    else:
-                        next_wake = min(next_wake, slot.reset_at)
-        for tok in sorted(self._waiting.values(), key=lambda t: t.unit.id):
-            if id(tok) in self._waiting:
-                self._try_move(tok)
-        while self._may_release(now):
-            self._release(now)
-        interval = self.line.release.interval_s
-        if interval and not self.paused and self._release_left():
-            next_wake = min(next_wake, self._last_release + interval * self.line.time_scale)
-        if self._wake is not None:
-            self._wake.cancel()
-            self._wake = None
-        if next_wake < float("inf"):
-            self._wake = asyncio.get_running_loop().call_at(next_wake, self._kick.set)
-        if self.on_event is not None:
-            self.on_event()
-
-    def _release_left(self) -> bool:
-        count = self.line.release.count
-        # Unit ids are never reused, so they count releases across restarts too.
-        return count is None or self.next_unit_id - 1 < count
-
-    def _may_release(self, now: float) -> bool:
-        if self.paused or self._stopping.is_set() or not self._release_left():
-            return False
-        if len(self.units) >= self.max_wip:
-            return False
-        interval = self.line.release.interval_s
-        if interval and now < self._last_release + interval * self.line.time_scale:
-            return False
-        return self._can_enter(self.flow.root.steps[0])
-
-    def _release(self, now: float) -> None:
-        uid = self.next_unit_id
-        self.next_unit_id += 1
-        unit = Unit(uid, f"{self.line.line}-{uid:06d}", now)
-        self.units[uid] = unit
-        self.released += 1
-        self._last_release = now
-        self.journal.unit_released(uid, unit.serial, self.wall(now))
-        tok = Token(unit, self.flow.root.steps[0])
-        unit.tokens.append(tok)
-        self._waiting[id(tok)] = tok
-        self._try_move(tok)
-
-    def _can_enter(self, node: Node) -> bool:
-        if isinstance(node, StationNode):
-            return self.stations[node.station].free_slot() is not None
-        if isinstance(node, RouteNode):
-            return any(
-                v.available and self._can_enter(b.steps[0])
-                for v, b in zip(self._branch_views(node), node.branches, strict=True)
-            )
-        if isinstance(node, ForkNode):
-            return all(self._can_enter(b.steps[0]) for b in node.branches)
-        return False
-
-    def _try_move(self, tok: Token) -> bool:
-        target = tok.target
-        if isinstance(target, StationNode):
-            slot = self.stations[target.station].free_slot()
-            if slot is None:
-                return False
-            self._begin(tok, slot)
-            return True
-        if isinstance(target, RouteNode):
-            views = self._branch_views(target)
-            state = self._route_state[id(target)]
-            weights = target.route.weights if target.route else None
-            branch = choose(target.policy, views, state, weights)
-            if branch is None:
-                return False
-            tok.target = target.branches[branch].steps[0]
-            if not self._try_move(tok):
-                tok.target = target
-                return False
-            self._route_state[id(target)] = commit(target.policy, state, branch, views, weights)
-            tok.unit.branches[target.path] = branch
-            return True
-        if isinstance(target, ForkNode):
-            # Enter only when every branch can start, so a unit is never half inside a fork.
-            if not all(self._can_enter(b.steps[0]) for b in target.branches):
-                return False
-            unit = tok.unit
-            self._vacate(tok)
-            self._drop(tok)
-            unit.joins[id(target)] = 0
-            for b in target.branches:
-                child = Token(unit, b.steps[0], forks=(*tok.forks, target))
-                child.done_at = tok.done_at
-                unit.tokens.append(child)
-                self._waiting[id(child)] = child
-                self._try_move(child)
-            return True
-        return False
-
-    def _branch_views(self, route: RouteNode) -> list[BranchView]:
-        views = []
-        for branch in route.branches:
-            names = branch.stations()
-            stations = [self.stations[n] for n in names]
-            load = sum(st.load() for st in stations) + sum(
-                1 for t in self._waiting.values() if t.target in branch.steps
-            )
-            # Expected time for one more unit: the branch's lead time plus the queue ahead of
-            # it at the branch's slowest (measured) rate.
-            lead = sum(st.ewma_cycle_s for st in stations)
-            interval = max(st.ewma_cycle_s / st.config.capacity for st in stations)
-            available = all(st.available for st in stations)
-            if route.policy in WORK_CONSERVING:
-                # A load-aware policy never holds a unit for a busy branch while another
-                # branch could take it now: it picks among the branches with room.
-                available = available and self._can_enter(branch.steps[0])
-            views.append(
-                BranchView(
-                    available=available,
-                    load=load,
-                    expected_s=lead + load * interval,
-                )
-            )
-        return views
-
-    def _begin(self, tok: Token, slot: Slot) -> None:
-        """Commit ``tok`` to ``slot`` and start the command task that moves it there."""
-        unit = tok.unit
-        st = slot.station
-        previous = tok.slot
-        if previous is not None:
-            # The unit stays physically in ``previous`` until the PLC accepts it downstream.
-            previous.occupant = None
-            previous.busy = True
-        self._waiting.pop(id(tok), None)
-        tok.target = None
-        tok.slot = slot
-        tok.station = st.name
-        tok.phase = Phase.COMMANDED
-        tok.seq = slot.take_seq()
-        tok.attempt = unit.attempts.get(st.name, 0) + 1
-        unit.attempts[st.name] = tok.attempt
-        slot.occupant = tok
-        slot.busy = True
-        st.account(self.now())
-        if previous is not None:
-            previous.station.account(self.now())
+    def _send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         self._spawn(self._start(tok, slot, previous))
+
+    def _send_reset(self, slot: Slot) -> None:
+        self._spawn(self._reset(slot))
 
     def _spawn(self, coro) -> None:
         assert self._tg is not None
         task = self._tg.create_task(coro)
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
-
-    # --- command tasks ------------------------------------------------------------------
 
     async def _start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         st = slot.station
@@ -719,7 +239,7 @@ class Supervisor:
             self._on_slot(slot, status, self.now())
             return status
 
-    # --- recovery after a restart -------------------------------------------------------
+    # --- recovery after a restart -----------------------------------------------------
 
     async def _recover(self) -> list[tuple[Token, Slot]]:
         """Put the journal's open units back in the line; return the steps whose START must be
@@ -801,110 +321,5 @@ class Supervisor:
         slot.busy = False
         self._changed()
 
-    # --- operator control ---------------------------------------------------------------
-
-    def set_in_service(self, station: str, in_service: bool) -> None:
-        """Take a station out of service (it finishes what it holds, takes nothing new)."""
-        st = self.stations[station]
-        st.in_service = in_service
-        st.account(self.now())
-        kind = "in_service" if in_service else "out_of_service"
-        self.journal.station_event(station, kind, self.wall(), None, "operator")
-        self._changed()
-
-    def pause(self, paused: bool = True) -> None:
-        self.paused = paused
-        self._changed()
-
-    # --- invariants and statistics ------------------------------------------------------
-
-    def _tokens(self) -> list[Token]:
-        return [t for u in [*self.units.values(), *self.quarantined.values()] for t in u.tokens]
-
-    def check_invariants(self) -> None:
-        """Released = finished + quarantined + in line; no station over capacity; no token
-        in two slots; no unit in two stations of one sequence."""
-        assert all(u.status == "in_line" for u in self.units.values())
-        total = self.released + self.recovered
-        assert total == self.finished + len(self.quarantined) + len(self.units), (
-            f"a unit was lost or duplicated: released {self.released}, recovered "
-            f"{self.recovered}, finished "
-            f"{self.finished}, quarantined {len(self.quarantined)}, in line {len(self.units)}"
-        )
-        seen: dict[int, Slot] = {}
-        for st in self.stations.values():
-            assert st.load() <= st.config.capacity
-            for slot in st.slots:
-                tok = slot.occupant
-                if tok is None:
-                    continue
-                assert tok.slot is slot, f"{slot.name} occupant disagrees with its token"
-                assert id(tok) not in seen, f"token in {seen.get(id(tok))} and {slot.name}"
-                seen[id(tok)] = slot
-        for unit in self.units.values():
-            branches = [t.forks for t in unit.tokens]
-            # Tokens of one unit differ only by being in different fork branches.
-            assert len(unit.tokens) <= 1 or all(b for b in branches), (
-                f"unit {unit.serial} at two places outside a fork"
-            )
-
-    def statistics(self) -> SupervisorStatistics:
-        now = self.now()
-        stations = {}
-        started = bool(self._t0)  # before run() there is no clock to read
-        for name, st in self.stations.items():
-            if started:
-                st.account(now)
-            elapsed = max(now - self._t0, 1e-9)
-            stations[name] = StationStatistics(
-                name=name,
-                plc=st.plc,
-                condition=st.condition,
-                state=st.last_state,
-                seconds=dict(st.seconds),
-                utilization=(
-                    st.busy_slot_seconds / (st.config.capacity * elapsed) if started else 0.0
-                ),
-                busy_seconds=st.busy_slot_seconds,
-                cycles=st.cycles,
-                passed=st.passed,
-                rejected=st.rejected,
-                faults=st.faults,
-                cycle_s=st.config.cycle_s,
-                ewma_cycle_s=st.ewma_cycle_s,
-                capacity=st.config.capacity,
-                load=st.load(),
-                connected=st.connected,
-                in_service=st.in_service,
-                cycle_seconds=st.cycle_hist.snapshot(),
-            )
-        return SupervisorStatistics(
-            line=self.line.line,
-            elapsed_s=now - self._t0 if started else 0.0,
-            released=self.released,
-            finished=self.finished,
-            rejected=self.rejected,
-            quarantined=len(self.quarantined),
-            wip=len(self.units),
-            paused=self.paused,
-            stations=stations,
-            finish_times=tuple(self.finish_times),
-            lead_times=tuple(self.lead_times),
-            handovers=tuple(self.handovers),
-            lead_seconds=self.lead_hist.snapshot(),
-            handover_seconds=self.handover_hist.snapshot(),
-            quarantined_total=self.quarantine_count,
-        )
-
     def driver_statistics(self) -> list:
         return [d.statistics() for d in self._drivers.values()]
-
-
-def _top_level_index(node: Node) -> int:
-    """Index of the top-level flow step that contains ``node``."""
-    while True:
-        seq = node.parent
-        assert seq is not None
-        if seq.owner is None:
-            return node.index
-        node = seq.owner

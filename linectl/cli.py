@@ -86,6 +86,89 @@ def analyze(
     Console().print(table)
 
 
+@app.command("compare")
+def compare_command(
+    configs: Annotated[list[Path], typer.Argument(help="Line configs (YAML).", show_default=False)],
+    units: Annotated[int, typer.Option(min=4, help="Units to run through each line.")] = 100,
+    time_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Wall seconds per config second (default: each config's).", show_default=False
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw units finished over time to this PNG.")
+    ] = None,
+) -> None:
+    """Run each line against its simulators and show predicted and measured figures side by
+    side (definitions: docs/performance.md). The lines run at once, each on a throwaway SQLite
+    trace store."""
+    import logging
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.table import Table
+
+    from linectl import compare as cmp
+
+    if time_scale is not None and time_scale <= 0:
+        raise typer.BadParameter(f"must be above 0, not {time_scale}", param_hint="--time-scale")
+    lines: list[tuple[str, Line]] = []
+    problems: list[str] = []
+    for config in configs:
+        try:
+            lines.append((str(config), cmp.with_units(load_config(config), units, time_scale)))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        _fail(ConfigError(problems))
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            typer.echo("--plot needs matplotlib: pip install -e '.[plot]'", err=True)
+            raise typer.Exit(2) from None
+    _logging(False, board=True)
+    logging.getLogger().setLevel(logging.WARNING)
+    err = Console(stderr=True)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        bars = [progress.add_task(line.line, total=units) for _, line in lines]
+        try:
+            results = asyncio.run(
+                cmp.compare(
+                    lines, on_progress=lambda i, done: progress.update(bars[i], completed=done)
+                )
+            )
+        except* (LinectlError, TimeoutError, RuntimeError, OSError) as group:
+            for exc in group.exceptions:
+                typer.echo(f"linectl compare: {exc}", err=True)
+            raise typer.Exit(1) from None
+    if plot is not None:
+        cmp.plot(results, plot)
+        typer.echo(f"{plot}: units finished over time", err=True)
+    if as_json:
+        data = [r.to_dict() for r in results]
+        json.dump(data[0] if len(data) == 1 else data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    table = Table(title=f"Predicted and measured, {units} units (config seconds)")
+    table.add_column("", no_wrap=True)
+    for config, r in zip(configs, results, strict=True):
+        table.add_column(f"{r.line.line}\npredicted", justify="right")
+        table.add_column(f"{config.name}\nmeasured", justify="right")
+    for label, cells in cmp.comparison_rows(results):
+        table.add_row(label, *cells)
+    _console().print(table)
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of a line config (for editor completion)."""

@@ -1,0 +1,142 @@
+"""``linectl compare`` runs lines against their simulators and sets the measured figures beside
+the predicted ones; the article's scenario B is reproduced within 3 %."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from linectl.analysis import analyze
+from linectl.cli import app
+from linectl.compare import (
+    compare,
+    fitted_interval,
+    measure,
+    observed_bottleneck,
+    percentile,
+    skip_count,
+    with_units,
+)
+from linectl.config import load_config, parse_config
+
+# b is the bottleneck: 2 s at time scale 0.1 is a 200 ms cycle, long against a handover.
+SMALL = """\
+line: small
+time_scale: 0.1
+plcs:
+  p0: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.005}
+stations:
+  a: {plc: p0, address: 0, cycle_s: 1}
+  b: {plc: p0, address: 40, cycle_s: 2}
+  c: {plc: p0, address: 80, cycle_s: 0.5}
+flow: [a, b, c]
+"""
+
+TINY = SMALL.replace("time_scale: 0.1", "time_scale: 0.01")
+
+
+def test_fitted_interval_is_the_slope_after_the_skipped_fill():
+    """Two lines in step finish units in pairs; the fit still finds the mean pace."""
+    times = [10.0, 11.0]  # the fill: first two units close together
+    for k in range(40):
+        times += [20 + 10 * k, 22 + 10 * k]  # a pair every 10 s
+    assert fitted_interval(times, skip=10) == pytest.approx(5.0, rel=0.01)
+
+
+def test_skip_covers_the_line_filling_up_but_leaves_points_to_fit():
+    predicted = analyze(load_config("config/scenario-b-sequential.yaml"), 100)
+    assert skip_count(100, predicted) == 50
+    assert skip_count(4, predicted) == 1  # never fewer than 3 finishes to fit
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 0.5) == 50
+    assert percentile(values, 0.95) == 95
+    assert percentile(values, 1.0) == 100
+
+
+def test_observed_bottleneck_names_a_route_whose_branches_are_all_saturated():
+    line = load_config("config/scenario-b-hybrid.yaml")
+    busy = dict.fromkeys(line.stations, 0.5)
+    busy.update(l1_assembly=0.98, l2_assembly=0.97, testing=0.84)
+    assert observed_bottleneck(line, busy) == "route@flow[0]"
+    busy.update(l2_assembly=0.80)  # one branch idles: its busiest station is to blame
+    assert observed_bottleneck(line, busy) == "l1_assembly"
+    busy.update(testing=0.99)
+    assert observed_bottleneck(line, busy) == "testing"
+
+
+async def test_a_simple_sequence_runs_at_the_predicted_interval_within_10_percent():
+    line = with_units(parse_config(SMALL), 16)
+    measured = await measure(line)
+    predicted = analyze(line, 16)
+    assert measured.units == 16 and len(measured.finish_times_s) == 16
+    assert measured.interval_s == pytest.approx(predicted.interval_s, rel=0.10)
+    assert measured.makespan_s == pytest.approx(predicted.makespan_s, rel=0.10)
+    assert measured.bottleneck == "b"
+    assert measured.utilization["b"] == pytest.approx(1.0, abs=0.1)
+    assert measured.utilization["c"] == pytest.approx(0.25, abs=0.1)
+
+
+def test_compare_prints_predicted_and_measured_columns(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    result = CliRunner().invoke(app, ["compare", str(config), "--units", "8"])
+    assert result.exit_code == 0, result.output
+    for text in ("predicted", "measured", "interval", "lead time p95", "bottleneck", "  b "):
+        assert text in result.output
+
+
+def test_compare_json_has_the_analyze_keys_and_both_sub_objects(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    runner = CliRunner()
+    analyzed = json.loads(runner.invoke(app, ["analyze", str(config), "--json"]).stdout)
+    result = runner.invoke(app, ["compare", str(config), "--units", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(analyzed) <= set(data)
+    assert set(data["predicted"]) <= set(data["measured"])
+    for key in ("interval_s", "lead_time_p50_s", "lead_time_p95_s", "makespan_s", "bottleneck"):
+        assert key in data["measured"]
+    assert set(data["measured"]["stations"]) == {"a", "b", "c"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="plot installed")
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    result = CliRunner().invoke(
+        app, ["compare", str(config), "--units", "8", "--plot", str(tmp_path / "p.png")]
+    )
+    assert result.exit_code == 2
+    assert "pip install -e '.[plot]'" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs [plot]")
+def test_plot_draws_units_finished_over_time(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    png = tmp_path / "p.png"
+    result = CliRunner().invoke(app, ["compare", str(config), "--units", "8", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_scenario_b_runs_one_unit_every_12_minutes_against_one_every_7_within_3_percent():
+    """The article's scenario B, 100 units each, as ``linectl compare`` runs it by default."""
+    names = ["config/scenario-b-sequential.yaml", "config/scenario-b-hybrid.yaml"]
+    results = await compare([(n, with_units(load_config(n), 100)) for n in names])
+    sequential, hybrid = results
+    assert sequential.predicted.interval_s == 12 * 60
+    assert hybrid.predicted.interval_s == 7 * 60
+    for r in results:
+        assert r.measured.interval_s == pytest.approx(r.predicted.interval_s, rel=0.03), r.config
+        assert r.measured.bottleneck == r.predicted.bottleneck
+        assert r.measured.wall_s < 60

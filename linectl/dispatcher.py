@@ -91,10 +91,12 @@ class Dispatcher:
     # --- the I/O the supervisor supplies ----------------------------------------------------
 
     def _send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
-        """Journal the step, START it on ``slot``, then have ``previous`` reset."""
+        """Journal the step durably, START it on ``slot`` until echoed, then call
+        ``_start_confirmed`` (or ``_start_refused``)."""
         raise NotImplementedError
 
-    def _send_reset(self, slot: Slot) -> None:
+    def _send_reset(self, slot: Slot, seq: int) -> None:
+        """RESET ``slot`` with ``seq``, then call ``_reset_done``."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -381,7 +383,9 @@ class Dispatcher:
             for slot in st.slots:
                 if slot.needs_reset and not slot.busy and st.connected:
                     if now >= slot.reset_at:
-                        self._send_reset(slot)
+                        slot.busy = True
+                        slot.needs_reset = False
+                        self._send_reset(slot, slot.take_seq())
                     else:
                         next_wake = min(next_wake, slot.reset_at)
         for tok in sorted(self._waiting.values(), key=lambda t: t.unit.id):
@@ -528,6 +532,41 @@ class Dispatcher:
         if previous is not None:
             previous.station.account(self.now())
         self._send_start(tok, slot, previous)
+
+    # --- commands coming back ---------------------------------------------------------------
+
+    def _start_confirmed(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+        """The PLC echoed the START: the unit has left ``previous``, which is owed a RESET."""
+        slot.busy = False
+        if tok.done_at:
+            self.handovers.append(self.now() - tok.done_at)
+            self.handover_hist.observe(self.now() - tok.done_at)
+        if previous is not None:
+            previous.busy = False
+            previous.needs_reset = True
+        self._changed()
+
+    def _start_refused(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+        """The PLC refused the START (its slot was not Idle after all): the unit stays where
+        it was and tries again."""
+        st = slot.station
+        self.journal.step_finished(tok.unit.id, st.name, tok.attempt, self.wall(), "refused")
+        slot.occupant = None
+        slot.busy = False
+        tok.phase = Phase.DONE if previous is not None else Phase.WAITING
+        tok.slot = previous
+        tok.station = previous.station.name if previous is not None else ""
+        if previous is not None:
+            previous.occupant = tok
+            previous.busy = False
+        tok.target = self.flow.stations[st.name]
+        self._waiting[id(tok)] = tok
+        st.account(self.now())
+        self._changed()
+
+    def _reset_done(self, slot: Slot) -> None:
+        slot.busy = False
+        self._changed()
 
     # --- operator control -------------------------------------------------------------
 

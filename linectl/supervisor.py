@@ -144,8 +144,8 @@ class Supervisor(Dispatcher):
     def _send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         self._spawn(self._start(tok, slot, previous))
 
-    def _send_reset(self, slot: Slot) -> None:
-        self._spawn(self._reset(slot))
+    def _send_reset(self, slot: Slot, seq: int) -> None:
+        self._spawn(self._reset(slot, seq))
 
     def _spawn(self, coro) -> None:
         assert self._tg is not None
@@ -165,28 +165,9 @@ class Supervisor(Dispatcher):
             await self._command(driver, slot, tok.seq, Command.START, unit.id)
         except CommandRefused as exc:
             log.warning("%s", exc)
-            self.journal.step_finished(unit.id, st.name, tok.attempt, self.wall(), "refused")
-            slot.occupant = None
-            slot.busy = False
-            tok.phase = Phase.DONE if previous is not None else Phase.WAITING
-            tok.slot = previous
-            tok.station = previous.station.name if previous is not None else ""
-            if previous is not None:
-                previous.occupant = tok
-                previous.busy = False
-            tok.target = self.flow.stations[st.name]
-            self._waiting[id(tok)] = tok
-            st.account(self.now())
-            self._changed()
-            return
-        slot.busy = False
-        if tok.done_at:
-            self.handovers.append(self.now() - tok.done_at)
-            self.handover_hist.observe(self.now() - tok.done_at)
-        if previous is not None:
-            previous.busy = False
-            previous.needs_reset = True
-        self._changed()
+            self._start_refused(tok, slot, previous)
+        else:
+            self._start_confirmed(tok, slot, previous)
 
     def _entered(self, tok: Token) -> str | None:
         """``route-path=branch`` when this step is the first of a route branch, else None."""
@@ -196,20 +177,17 @@ class Supervisor(Dispatcher):
             return None
         return f"{found[0].path}={found[1]}"
 
-    async def _reset(self, slot: Slot) -> None:
-        slot.busy = True
-        slot.needs_reset = False
+    async def _reset(self, slot: Slot, seq: int) -> None:
         st = slot.station
         try:
             # Once reset, the PLC forgets the unit and its result: journal them durably first.
             await self.journal.sync()
-            await self._command(self._drivers[st.plc], slot, slot.take_seq(), Command.RESET, 0)
+            await self._command(self._drivers[st.plc], slot, seq, Command.RESET, 0)
             self.journal.station_event(st.name, "reset", self.wall(), None, f"slot {slot.index}")
         except CommandRefused as exc:
             log.warning("%s", exc)
         finally:
-            slot.busy = False
-        self._changed()
+            self._reset_done(slot)
 
     async def _command(
         self, driver: PlcDriver, slot: Slot, seq: int, code: Command, unit: int

@@ -424,17 +424,32 @@ class _Source:
         return self.name
 
 
-def _positions(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+def _positions(
+    node: yaml.Node, path: str, out: dict[str, int], duplicates: list[tuple[str, str]]
+) -> None:
+    """Line numbers of every path; and every key given twice in one mapping, which YAML
+    would otherwise resolve silently by keeping the last (a second 'testing:' station)."""
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[object, int] = {}
         for key, value in node.value:
             sub = f"{path}.{key.value}" if path else str(key.value)
-            out[sub] = key.start_mark.line + 1
-            _positions(value, sub, out)
-            out[sub] = key.start_mark.line + 1
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                duplicates.append(
+                    (
+                        sub,
+                        f"key '{key.value}' is given twice (lines {seen[key.value]} and "
+                        f"{line}); YAML would keep only the last",
+                    )
+                )
+            seen[key.value] = line
+            out[sub] = line
+            _positions(value, sub, out, duplicates)
+            out[sub] = line
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _positions(item, f"{path}[{i}]", out)
+            _positions(item, f"{path}[{i}]", out, duplicates)
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
@@ -610,8 +625,11 @@ def parse_config(text: str, source: str = "<config>") -> Line:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a mapping with keys line, plcs, stations, flow"])
     lines: dict[str, int] = {}
-    _positions(node, "", lines)
+    duplicates: list[tuple[str, str]] = []
+    _positions(node, "", lines, duplicates)
     where = _Source(source, lines)
+    if duplicates:
+        raise ConfigError([f"{where.at(path)}: {path}: {msg}" for path, msg in duplicates])
     try:
         cfg = Line.model_validate(data, context={"source": source})
     except ValidationError as exc:

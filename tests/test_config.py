@@ -289,3 +289,18 @@ def test_schema_prints_the_json_schema():
     schema = json.loads(result.stdout)
     assert {"line", "plcs", "stations", "flow"} <= set(schema["required"])
     assert "release" in schema["properties"]
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
+    path = tmp_path / "line.yaml"
+    path.write_text(
+        "line: x\nplcs: {a: {protocol: modbus, host: 127.0.0.1}}\nstations:\n"
+        "  s: {plc: a, address: 0, cycle_s: 1}\n  s: {plc: a, address: 40, cycle_s: 2}\n"
+        "flow: [s]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}:5: stations.s: key 's' is given twice (lines 4 and 5); YAML would keep only "
+        "the last"
+    )

@@ -306,3 +306,15 @@ async def test_a_plc_that_restarts_mid_cycle_gets_its_units_again(protocol):
         assert run.sup.finished == 3
         assert run.sim.station("a").starts[1] == 2  # run again after the restart
         assert run.sim.station("a").completions[1] == 1
+
+
+async def test_a_release_interval_spaces_units_entering_the_line():
+    """Release every 5 s (50 ms here) into a line that could take one every second."""
+    line = make_line(
+        {"a": "cycle_s: 1"}, "[a]", extra="release: {count: 6, interval_s: 5, max_wip: 4}"
+    )
+    _sim, sup = await run_to_completion(line)
+    times = sup.statistics().finish_times
+    assert sup.finished == 6
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 5 * 0.01 * 0.9, gaps

@@ -87,6 +87,13 @@ class Dispatcher:
         self._wall0 = 0.0
         self._last_release = -float("inf")
         self._wake: asyncio.TimerHandle | None = None
+        # Per dispatch pass and number of moves made in it, what routes look like; a route's
+        # branches are looked at once per state, not once per waiting token.
+        self._pass = 0
+        self._moves = 0
+        self._views: dict[tuple[int, int, int], list[BranchView]] = {}
+        self._blocked: set[tuple[int, int, int]] = set()
+        self._targets: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
 
     # --- the I/O the supervisor supplies ----------------------------------------------------
 
@@ -379,6 +386,9 @@ class Dispatcher:
     def _dispatch(self) -> None:
         now = self.now()
         next_wake = float("inf")
+        self._pass += 1
+        self._views.clear()
+        self._blocked.clear()
         for st in self.stations.values():
             for slot in st.slots:
                 if slot.needs_reset and not slot.busy and st.connected:
@@ -453,19 +463,26 @@ class Dispatcher:
             self._begin(tok, slot)
             return True
         if isinstance(target, RouteNode):
+            # Within one pass, nothing about a route changes until some token moves: a route
+            # that turned one token away turns away the rest, and is not asked again.
+            key = (id(target), self._pass, self._moves)
+            if key in self._blocked:
+                return False
             views = self._branch_views(target)
             state = self._route_state[id(target)]
             weights = target.route.weights if target.route else None
             branch = choose(target.policy, views, state, weights)
-            if branch is None:
-                return False
-            tok.target = target.branches[branch].steps[0]
-            if not self._try_move(tok):
+            if branch is not None:
+                tok.target = target.branches[branch].steps[0]
+                if self._try_move(tok):
+                    self._route_state[id(target)] = commit(
+                        target.policy, state, branch, views, weights
+                    )
+                    tok.unit.branches[target.path] = branch
+                    return True
                 tok.target = target
-                return False
-            self._route_state[id(target)] = commit(target.policy, state, branch, views, weights)
-            tok.unit.branches[target.path] = branch
-            return True
+            self._blocked.add(key)
+            return False
         if isinstance(target, ForkNode):
             # Enter only when every branch can start, so a unit is never half inside a fork.
             if not all(self._can_enter(b.steps[0]) for b in target.branches):
@@ -484,12 +501,22 @@ class Dispatcher:
         return False
 
     def _branch_views(self, route: RouteNode) -> list[BranchView]:
+        key = (id(route), self._pass, self._moves)
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        if self._targets[0] != (self._pass, self._moves):
+            # Tokens waiting to enter a node (a retry inside a branch), counted once per state.
+            counts: dict[int, int] = {}
+            for t in self._waiting.values():
+                counts[id(t.target)] = counts.get(id(t.target), 0) + 1
+            self._targets = ((self._pass, self._moves), counts)
+        waiting = self._targets[1]
         views = []
         for branch in route.branches:
-            names = branch.stations()
-            stations = [self.stations[n] for n in names]
+            stations = [self.stations[n] for n in branch.stations()]
             load = sum(st.load() for st in stations) + sum(
-                1 for t in self._waiting.values() if t.target in branch.steps
+                waiting.get(id(step), 0) for step in branch.steps
             )
             # Expected time for one more unit: the branch's lead time plus the queue ahead of
             # it at the branch's slowest (measured) rate.
@@ -507,10 +534,12 @@ class Dispatcher:
                     expected_s=lead + load * interval,
                 )
             )
+        self._views[key] = views
         return views
 
     def _begin(self, tok: Token, slot: Slot) -> None:
         """Commit ``tok`` to ``slot`` and start the command task that moves it there."""
+        self._moves += 1
         unit = tok.unit
         st = slot.station
         previous = tok.slot

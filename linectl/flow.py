@@ -34,12 +34,13 @@ class Seq:
     owner: RouteNode | ForkNode | None = None
     branch: int = 0
     path: str = "flow"
+    _stations: list[str] | None = field(default=None, repr=False)
 
     def stations(self) -> list[str]:
-        out: list[str] = []
-        for node in self.steps:
-            out.extend(stations_in(node))
-        return out
+        """Every station in this sequence, nested ones included (computed once)."""
+        if self._stations is None:
+            self._stations = [name for node in self.steps for name in stations_in(node)]
+        return self._stations
 
 
 @dataclass(eq=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from asyncua import Client, ua
@@ -21,6 +21,7 @@ from linectl.contract import (
     State,
 )
 from simulators.runner import SimLine
+from tests.helpers import eventually
 from tests.raw_opcua import RawOpcUa
 
 CONFIG = """
@@ -56,13 +57,6 @@ async def client(sim: SimLine) -> AsyncIterator[Client]:
     await client.connect()
     yield client
     await client.disconnect()
-
-
-async def eventually(check: Callable[[], object], within: float = 2.0) -> None:
-    """Poll a condition with a deadline (asyncua state has no event to wait on here)."""
-    async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
 
 
 async def test_address_space_is_the_contract(sim: SimLine, client: Client) -> None:
@@ -163,8 +157,10 @@ async def test_drop_connections_cuts_clients_and_keeps_listening(
 ) -> None:
     server = sim.servers["cell_b"]
     server.drop_connections()
-    await eventually(lambda: client.uaclient.state is UaClientState.DISCONNECTED)
-    await eventually(lambda: not server._server.iserver._external_sessions)
+    await eventually(
+        lambda: client.uaclient.state is UaClientState.DISCONNECTED, what="client disconnected"
+    )
+    await eventually(lambda: not server._server.iserver._external_sessions, what="sessions closed")
     raw = await RawOpcUa.open(sim.line, "cell_b")
     try:
         assert (await raw.status("b2", 0)).state == State.IDLE

@@ -454,8 +454,7 @@ def demo_command(
     config: Annotated[Path, typer.Argument(help="Line config.")] = Path("config/demo.yaml"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Simulated PLCs, the supervisor and the metrics endpoint in one command, on embedded
-    SQLite, with a live status board. Ctrl-C stops it cleanly."""
+    """Simulated PLCs, supervisor and metrics in one command, with a live status board."""
     import asyncio
     import logging
 
@@ -507,8 +506,7 @@ def ctl_command(
     action: Annotated[str, typer.Argument(help=" | ".join(CTL_ACTIONS))],
     target: Annotated[str | None, typer.Argument(help="Station or unit serial.")] = None,
 ) -> None:
-    """Steer a running supervisor: drain/restore a station or its route branch, pause/resume
-    release, release a quarantined unit. Talks to its operator API (config `api`)."""
+    """Steer a running supervisor through its operator API: drain, pause, release units."""
     import os
     import urllib.error
     import urllib.request

@@ -573,6 +573,7 @@ class Dispatcher:
         if previous is not None:
             previous.busy = False
             previous.needs_reset = True
+            previous.reset_waits_for_journal = False
         self._changed()
 
     def _start_refused(self, tok: Token, slot: Slot, previous: Slot | None) -> None:

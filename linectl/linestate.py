@@ -78,6 +78,9 @@ class Slot:
     next_seq: int = 1
     busy: bool = False  # a command to this slot is in flight
     needs_reset: bool = False  # a RESET is owed (unit moved on, dropped, or fault cleared)
+    # Whether that RESET must wait for the journal: not when the unit moved on, since the next
+    # station's durable intent already proves this step passed (recovery.py reads it so).
+    reset_waits_for_journal: bool = True
     reset_at: float = 0.0  # not before this time (fault reset backoff)
     executing_since: float | None = None
 

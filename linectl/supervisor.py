@@ -180,8 +180,11 @@ class Supervisor(Dispatcher):
     async def _reset(self, slot: Slot, seq: int) -> None:
         st = slot.station
         try:
-            # Once reset, the PLC forgets the unit and its result: journal them durably first.
-            await self.journal.sync()
+            # Once reset, the PLC forgets the unit and its result: journal them durably first,
+            # unless the unit moved on (the next step's durable intent implies this one passed).
+            if slot.reset_waits_for_journal:
+                await self.journal.sync()
+            slot.reset_waits_for_journal = True
             await self._command(self._drivers[st.plc], slot, seq, Command.RESET, 0)
             self.journal.station_event(st.name, "reset", self.wall(), None, f"slot {slot.index}")
         except CommandRefused as exc:

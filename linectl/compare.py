@@ -165,37 +165,6 @@ def observed_bottleneck(line: Line, utilization: dict[str, float]) -> str:
 # --- a run ----------------------------------------------------------------------------------------
 
 
-class _Journal(Journal):
-    """A journal whose ``flush`` also works once its ``run`` loop is gone.
-
-    ``Supervisor.run`` cancels the journal loop and then flushes; a write queued after the
-    last commit (a station event of the final reset) then waits for a loop that no longer
-    runs, and the supervisor never returns. Until that is fixed there (docs/performance.md),
-    a flush without a loop runs one for as long as it takes.
-    """
-
-    _running = False
-
-    async def run(self) -> None:
-        self._running = True
-        try:
-            await super().run()
-        finally:
-            self._running = False
-
-    async def flush(self) -> None:
-        if self.store is None or self._running:
-            await super().flush()
-            return
-        loop_task = asyncio.create_task(self.run(), name="journal-final-flush")
-        try:
-            await super().flush()
-        finally:
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
-
-
 @dataclass(frozen=True, slots=True)
 class _Mark:
     """The supervisor's clock, busy slot-seconds and cycles per station, and process CPU."""
@@ -275,7 +244,7 @@ async def measure(
         async with sims as sim:
             stores = await TraceStore.open(url, line.line) if durable else contextlib.nullcontext()
             async with stores as store:
-                sup = Supervisor(sim.line, journal=_Journal(store), exit_when_done=True)
+                sup = Supervisor(sim.line, journal=Journal(store), exit_when_done=True)
 
                 def on_event() -> None:
                     # Called by the supervisor at every change: mark the steady window's ends.

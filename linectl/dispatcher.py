@@ -124,6 +124,8 @@ class Dispatcher:
         previous = slot.status
         slot.seen(status)
         st = slot.station
+        if status.state == State.IDLE and (previous is None or previous.state != State.IDLE):
+            slot.idle_since = at
         if previous is None or previous.state != status.state:
             self.journal.station_event(
                 st.name,
@@ -540,6 +542,7 @@ class Dispatcher:
     def _begin(self, tok: Token, slot: Slot) -> None:
         """Commit ``tok`` to ``slot`` and start the command task that moves it there."""
         self._moves += 1
+        tok.ready_at = max(tok.done_at, slot.idle_since) if tok.done_at else 0.0
         unit = tok.unit
         st = slot.station
         previous = tok.slot
@@ -567,9 +570,11 @@ class Dispatcher:
     def _start_confirmed(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         """The PLC echoed the START: the unit has left ``previous``, which is owed a RESET."""
         slot.busy = False
-        if tok.done_at:
-            self.handovers.append(self.now() - tok.done_at)
-            self.handover_hist.observe(self.now() - tok.done_at)
+        if tok.ready_at:
+            # From the moment it could move (done, and this slot free): the controller's own
+            # latency, not the time the unit spent blocked waiting for room.
+            self.handovers.append(self.now() - tok.ready_at)
+            self.handover_hist.observe(self.now() - tok.ready_at)
         if previous is not None:
             previous.busy = False
             previous.needs_reset = True

@@ -64,7 +64,8 @@ class Token:
     seq: int = 0  # sequence number of its START on ``slot``
     station: str = ""  # station of ``slot``
     attempt: int = 0
-    done_at: float = 0.0  # when the PLC reported it done (handover latency starts here)
+    done_at: float = 0.0  # when the PLC reported it done at its last station
+    ready_at: float = 0.0  # when it could move on: done, and its next slot free (handover start)
     forks: tuple[ForkNode, ...] = ()  # the forks it is inside, innermost last
     discard: bool = False  # its unit was quarantined: finish the cycle, then drop it
 
@@ -83,6 +84,7 @@ class Slot:
     reset_waits_for_journal: bool = True
     reset_at: float = 0.0  # not before this time (fault reset backoff)
     executing_since: float | None = None
+    idle_since: float = 0.0  # when the PLC last showed it Idle
 
     @property
     def name(self) -> str:

@@ -73,14 +73,17 @@ class Supervisor(Dispatcher):
             ]
             for tok, slot in resumes:
                 self._spawn(self._resume(tok, slot))
-            background.append(tg.create_task(self._journal_loop(), name="journal"))
+            journal = tg.create_task(self._journal_loop(), name="journal")
             background.append(tg.create_task(self._dispatch_loop(), name="dispatch"))
             await self._stopping.wait()
             await self._drain()
             for task in [*self._commands, *background]:
                 task.cancel()
+            # Commit what is journalled while the journal's task still runs: it is the one
+            # that hands writes to the store, so flushing after cancelling it would wait forever.
+            await self.journal.flush()
+            journal.cancel()
         self._tg = None
-        await self.journal.flush()
 
     def stop(self) -> None:
         """Stop releasing; let in-flight steps finish (``drain_timeout_s``), then return."""

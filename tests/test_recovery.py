@@ -179,3 +179,33 @@ async def test_a_plc_unreachable_at_restart_holds_up_only_the_units_that_need_it
     assert len(units) == 16 and {u.status for u in units} == {"finished"}
     for name in ("l1", "l2"):
         assert max(sim.completions()[name].values()) == 1
+
+
+async def test_a_supervisor_with_a_store_returns_and_leaves_everything_committed(tmp_path):
+    """Stopping commits what the journal holds before its task ends: nothing is left queued
+    behind a cancelled writer (that hung the supervisor at exit)."""
+    from linectl.journal import Journal
+    from linectl.supervisor import Supervisor
+    from tests.test_supervisor import make_line
+
+    line = parse_config(
+        make_line({"a": "cycle_s: 1", "b": "cycle_s: 1"}, "[a, b]", extra="release: {count: 5}")
+    )
+    db = f"sqlite:///{tmp_path / 'exit.sqlite3'}"
+    async with SimLine(line, free_ports=True, heartbeat_period_s=0.05) as sim:
+        for _ in range(3):
+            async with await TraceStore.open(db, line.line) as store:
+                sup = Supervisor(sim.line, journal=Journal(store), exit_when_done=True)
+                async with asyncio.timeout(15):
+                    await sup.run()
+                line = line.model_copy(
+                    update={
+                        "release": line.release.model_copy(update={"count": line.release.count + 5})
+                    }
+                )
+                sim_line = sim.line.model_copy(update={"release": line.release})
+                sim.line = sim_line
+    async with await TraceStore.open(db, "t", create=False) as store:
+        units = await store.units()
+    assert len(units) == 15 and {u.status for u in units} == {"finished"}
+    assert all(s.status == "done" for u in units for s in u.steps)

@@ -44,3 +44,21 @@ def no_thread_leaks():
             break
         time.sleep(0.01)
     assert not extra, f"test left threads running: {[t.name for t in extra]}"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """A command run in-process (CliRunner) configures logging for a terminal: quieter
+    third-party loggers, a rich handler. Undo that so it cannot leak into later tests."""
+    import logging
+
+    names = ["", "asyncua", "pymodbus", "linectl"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers = list(logging.getLogger().handlers)
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)

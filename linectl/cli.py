@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 
@@ -27,18 +27,23 @@ app = typer.Typer(
 ConfigArg = Annotated[Path, typer.Argument(help="Line config (YAML).", show_default=False)]
 
 
-def _fail(exc: LinectlError) -> None:
+def _fail(exc: LinectlError) -> NoReturn:
     typer.echo(str(exc), err=True)
     raise typer.Exit(2)
+
+
+def _load(config: Path) -> Line:
+    """The line config, or its problems on stderr and exit status 2."""
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
 
 
 @app.command()
 def check(config: ConfigArg) -> None:
     """Validate a line config; print one line per problem, each naming where it is."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
+    cfg = _load(config)
     typer.echo(
         f"{config}: ok: line '{cfg.line}', {len(cfg.plcs)} PLCs, {len(cfg.stations)} stations"
     )
@@ -206,10 +211,7 @@ def _with_store(config: Path, db: str | None, work: Callable[[Any], Awaitable[An
     """Run ``work(store)`` on the line's trace store, opened for reading only."""
     from linectl.store import TraceStore
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
+    cfg = _load(config)
 
     async def run() -> Any:
         async with await TraceStore.open(db or cfg.storage_url, cfg.line, create=False) as store:
@@ -426,10 +428,7 @@ def run_command(
     from linectl.app import run_line
     from linectl.status import live_status
 
-    try:
-        line = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
+    line = _load(config)
     _logging(verbose, board=status)
 
     def ready(_sup, where: list[str]) -> None:
@@ -462,10 +461,7 @@ def demo_command(
     from linectl.status import live_status
     from simulators.runner import SimLine
 
-    try:
-        line = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
+    line = _load(config)
     _logging(verbose, board=True)
     if not verbose:  # the board is the output; keep warnings, drop the chatter
         logging.getLogger().setLevel(logging.WARNING)
@@ -513,10 +509,7 @@ def ctl_command(
 
     from linectl.api import TOKEN_ENV
 
-    try:
-        line = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
+    line = _load(config)
     if action not in CTL_ACTIONS:
         typer.echo(f"unknown action '{action}'; use one of: {', '.join(CTL_ACTIONS)}", err=True)
         raise typer.Exit(2)

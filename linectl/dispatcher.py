@@ -317,7 +317,7 @@ class Dispatcher:
         self.finish_times.append(at - self._t0)
         self.lead_times.append(at - unit.released_at)
         self.lead_hist.observe(at - unit.released_at)
-        self.journal.unit_finished(unit.id, self.wall(at), unit.branch_label)
+        self.journal.unit_finished(unit.id, self.wall(at))
         self._check_done()
 
     def _quarantine(

@@ -47,9 +47,10 @@ class Journal:
         self._wake.set()
 
     async def run(self) -> None:
-        """Hand queued writes to the store, in order, until cancelled."""
+        """Hand queued writes to the store, in order, until cancelled (with no store there
+        is nothing to hand over, and it returns at once)."""
         if self.store is None:
-            await asyncio.Event().wait()
+            return
         handed = 0
         while True:
             await self._wake.wait()
@@ -136,7 +137,7 @@ class Journal:
     ) -> None:
         self._put("step_finished", unit_id, station, attempt, at, result, fault_code, plc_cycle_s)
 
-    def unit_finished(self, unit_id: int, at: datetime, branch: str = "") -> None:
+    def unit_finished(self, unit_id: int, at: datetime) -> None:
         self._put("unit_finished", unit_id, at)
 
     def unit_quarantined(self, unit_id: int, reason: str, at: datetime) -> None:

@@ -48,10 +48,6 @@ class Unit:
     reason: str = ""
     finished_at: float | None = None
 
-    @property
-    def branch_label(self) -> str:
-        return ",".join(f"{path}={b}" for path, b in self.branches.items())
-
 
 @dataclass(eq=False)
 class Token:

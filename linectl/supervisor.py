@@ -73,7 +73,7 @@ class Supervisor(Dispatcher):
             ]
             for tok, slot in resumes:
                 self._spawn(self._resume(tok, slot))
-            journal = tg.create_task(self._journal_loop(), name="journal")
+            journal = tg.create_task(self.journal.run(), name="journal")
             background.append(tg.create_task(self._dispatch_loop(), name="dispatch"))
             await self._stopping.wait()
             await self._drain()
@@ -104,9 +104,6 @@ class Supervisor(Dispatcher):
                 if t.phase in (Phase.COMMANDED, Phase.RUNNING)
             ]
             log.warning("drain deadline passed; left in process (recoverable): %s", busy)
-
-    async def _journal_loop(self) -> None:
-        await self.journal.run()
 
     async def _dispatch_loop(self) -> None:
         while True:

@@ -62,6 +62,9 @@ class Dispatcher:
         self.stations = {
             name: StationState(name, cfg, cfg.plc) for name, cfg in line.stations.items()
         }
+        self._owed: dict[Slot, None] = {}  # slots owing a RESET, line-wide
+        for st in self.stations.values():
+            st.owed = self._owed
         self.max_wip = line.release.max_wip or sum(s.capacity for s in line.stations.values())
         self.units: dict[int, Unit] = {}  # in the line
         self.quarantined: dict[int, Unit] = {}
@@ -391,15 +394,15 @@ class Dispatcher:
         self._pass += 1
         self._views.clear()
         self._blocked.clear()
-        for st in self.stations.values():
-            for slot in st.slots:
-                if slot.needs_reset and not slot.busy and st.connected:
-                    if now >= slot.reset_at:
-                        slot.busy = True
-                        slot.needs_reset = False
-                        self._send_reset(slot, slot.take_seq())
-                    else:
-                        next_wake = min(next_wake, slot.reset_at)
+        for slot in list(self._owed):
+            if slot.busy or not slot.station.connected:
+                continue
+            if now >= slot.reset_at:
+                slot.busy = True
+                slot.needs_reset = False
+                self._send_reset(slot, slot.take_seq())
+            else:
+                next_wake = min(next_wake, slot.reset_at)
         for tok in sorted(self._waiting.values(), key=lambda t: t.unit.id):
             if id(tok) in self._waiting:
                 self._try_move(tok)

@@ -74,7 +74,6 @@ class Slot:
     occupant: Token | None = None
     next_seq: int = 1
     busy: bool = False  # a command to this slot is in flight
-    needs_reset: bool = False  # a RESET is owed (unit moved on, dropped, or fault cleared)
     # Whether that RESET must wait for the journal: not when the unit moved on, since the next
     # station's durable intent already proves this step passed (recovery.py reads it so).
     reset_waits_for_journal: bool = True
@@ -85,6 +84,20 @@ class Slot:
     @property
     def name(self) -> str:
         return f"{self.station.name}[{self.index}]"
+
+    @property
+    def needs_reset(self) -> bool:
+        """A RESET is owed (unit moved on, dropped, or fault cleared)."""
+        return self in self.station.owed
+
+    @needs_reset.setter
+    def needs_reset(self, owed: bool) -> None:
+        # Kept in a set shared by the whole line, so the dispatch pass visits only the slots
+        # that owe a RESET instead of every slot of every station.
+        if owed:
+            self.station.owed[self] = None
+        else:
+            self.station.owed.pop(self, None)
 
     def take_seq(self) -> int:
         seq = self.next_seq
@@ -103,6 +116,9 @@ class StationState:
     config: Station
     plc: str
     slots: list[Slot] = field(default_factory=list)
+    # Slots owing a RESET, in the order they came to owe it (a dict as an ordered set); the
+    # dispatcher gives every station the same one.
+    owed: dict[Slot, None] = field(default_factory=dict, repr=False)
     connected: bool = False
     in_service: bool = True
     violation: str = ""

@@ -261,24 +261,3 @@ async def test_a_bad_request_is_answered_with_a_json_error_naming_the_problem(
     got, reply = await http(server.url, method, path, body)
     assert got == status
     assert says in reply["error"]
-
-
-async def test_stop_ends_open_connections_and_frees_the_port(control):
-    sim, server = control
-    port = server.port
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET /counters HTTP/1.1\r\n")  # and never finish the request
-        await writer.drain()
-        await eventually(lambda: server.connection_count == 1, what="the request being read")
-        await server.stop()
-        # Closed before the server read what was sent, the socket may be reset instead.
-        try:
-            assert await reader.read() == b""
-        except ConnectionResetError:
-            pass
-    finally:
-        writer.close()
-    # The port is free again: a new control server can take it.
-    async with ControlServer(sim, port) as again:
-        assert again.port == port

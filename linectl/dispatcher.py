@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from linectl.config import Line
 from linectl.contract import CmdStatus, Result, SlotStatus, State
+from linectl.events import EventHub, LineChanged, StationChanged, UnitChanged
 from linectl.flow import (
     CompiledFlow,
     Exit,
@@ -63,8 +64,12 @@ class Dispatcher:
             name: StationState(name, cfg, cfg.plc) for name, cfg in line.stations.items()
         }
         self._owed: dict[Slot, None] = {}  # slots owing a RESET, line-wide
+        self._touched: dict[StationState, None] = {}  # stations changed since the last pass
         for st in self.stations.values():
             st.owed = self._owed
+            st.changed = self._touched
+        self.events = EventHub()
+        self._line_seen: tuple[int, int, int, int, bool] | None = None
         self.max_wip = line.release.max_wip or sum(s.capacity for s in line.stations.values())
         self.units: dict[int, Unit] = {}  # in the line
         self.quarantined: dict[int, Unit] = {}
@@ -321,6 +326,7 @@ class Dispatcher:
         self.lead_times.append(at - unit.released_at)
         self.lead_hist.observe(at - unit.released_at)
         self.journal.unit_finished(unit.id, self.wall(at))
+        self._unit_event("finished", unit, at)
         self._check_done()
 
     def _quarantine(
@@ -349,6 +355,7 @@ class Dispatcher:
         self.quarantined[unit.id] = unit
         self.quarantine_count += 1
         self.journal.unit_quarantined(unit.id, reason, self.wall(at))
+        self._unit_event("quarantined", unit, at, reason=reason)
         self._check_done()
 
     def release_quarantined(self, unit_id: int) -> Unit:
@@ -366,6 +373,7 @@ class Dispatcher:
         unit.tokens.append(tok)
         self._waiting[id(tok)] = tok
         self.journal.quarantine_released(unit.id, self.wall())
+        self._unit_event("quarantine_released", unit, self.now())
         self._changed()
         return unit
 
@@ -416,8 +424,61 @@ class Dispatcher:
             self._wake = None
         if next_wake < float("inf"):
             self._wake = asyncio.get_running_loop().call_at(next_wake, self._kick.set)
+        self._publish(now)
         if self.on_event is not None:
             self.on_event()
+
+    # --- events for watchers ----------------------------------------------------------------
+
+    def _unit_event(self, kind: str, unit: Unit, at: float, *, reason: str = "") -> None:
+        if self.events.active:
+            station = next((t.station for t in unit.tokens if t.station), "")
+            self.events.publish(
+                UnitChanged(
+                    kind, unit.id, unit.serial, station, reason, at - self._t0, self.wall(at)
+                )
+            )
+
+    def _publish(self, now: float) -> None:
+        """One event per station that changed in this pass, and the line's counts if they did."""
+        if not self.events.active:
+            self._touched.clear()
+            return
+        wall = self.wall(now)
+        at = now - self._t0
+        for st in self._touched:
+            status = st.slots[0].status
+            state = status.state if status is not None else State.UNDEFINED
+            self.events.publish(
+                StationChanged(
+                    station=st.name,
+                    condition=st.condition.value,
+                    state=int(state),
+                    state_name=state.label,
+                    units=tuple(s.occupant.unit.serial for s in st.slots if s.occupant),
+                    load=st.load(),
+                    capacity=st.config.capacity,
+                    in_service=st.in_service,
+                    connected=st.connected,
+                    cycles=st.cycles,
+                    passed=st.passed,
+                    rejected=st.rejected,
+                    faults=st.faults,
+                    at=at,
+                    wall=wall,
+                )
+            )
+        self._touched.clear()
+        counts = (
+            self.released + self.recovered,
+            self.finished,
+            len(self.quarantined),
+            len(self.units),
+            self.paused,
+        )
+        if counts != self._line_seen:
+            self._line_seen = counts
+            self.events.publish(LineChanged(*counts, at=at, wall=wall))
 
     def _release_left(self) -> bool:
         count = self.line.release.count
@@ -442,6 +503,7 @@ class Dispatcher:
         self.released += 1
         self._last_release = now
         self.journal.unit_released(uid, unit.serial, self.wall(now))
+        self._unit_event("released", unit, now)
         tok = Token(unit, self.flow.root.steps[0])
         unit.tokens.append(tok)
         self._waiting[id(tok)] = tok

@@ -119,6 +119,9 @@ class StationState:
     # Slots owing a RESET, in the order they came to owe it (a dict as an ordered set); the
     # dispatcher gives every station the same one.
     owed: dict[Slot, None] = field(default_factory=dict, repr=False)
+    # Stations whose picture changed since the last dispatch pass (an ordered set shared by
+    # the line, like ``owed``): the pass publishes one event for each.
+    changed: dict[StationState, None] = field(default_factory=dict, repr=False)
     connected: bool = False
     in_service: bool = True
     violation: str = ""
@@ -190,6 +193,7 @@ class StationState:
                 self.busy_slot_seconds += now - max(slot.executing_since, self.since)
         self.since = now
         self.condition = self.classify()
+        self.changed[self] = None
         for slot in self.slots:
             running = slot.occupant is not None and slot.occupant.phase == Phase.RUNNING
             if running and slot.executing_since is None:

@@ -27,7 +27,8 @@ UNITS = 8
 # Short deadlines so that a silent peer is noticed within a fraction of a second.
 _DEADLINES = "timeout_s: 0.3, connect_timeout_s: 0.5, heartbeat_timeout_s: 0.6, backoff_max_s: 0.3"
 PLC = {
-    "modbus": f"{{protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, {_DEADLINES}}}",
+    "modbus": f"{{protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, "
+    f"{_DEADLINES}}}",
     "opcua": f'{{protocol: opcua, url: "opc.tcp://127.0.0.1:0", publishing_interval_s: 0.01, '
     f"{_DEADLINES}}}",
 }

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from linectl.config import SimSpec, Station
 from linectl.contract import (
@@ -29,6 +31,15 @@ from linectl.contract import (
 )
 
 ChangeListener = Callable[["SimStation", int], None]
+
+
+class ScriptedCycle(NamedTuple):
+    """One cycle a station replays instead of drawing it: ``cycle_s`` config seconds from START
+    to Complete with ``result``, or, with a non-zero ``fault_code``, to Aborted with that code."""
+
+    cycle_s: float
+    result: Result = Result.PASS
+    fault_code: int = 0
 
 
 def sample_cycle(spec: SimSpec, cycle_s: float, rng: random.Random) -> float:
@@ -53,6 +64,7 @@ class _Slot:
     command: tuple[int, int, int] = (0, 0, 0)  # last (seq, code, unit) written by the controller
     started_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    result: Result | None = None  # a scripted cycle's result, else drawn at completion
 
 
 class SimStation:
@@ -70,11 +82,16 @@ class SimStation:
         self.plc = plc
         self.time_scale = time_scale
         seed = config.sim.seed
-        self.rng = random.Random(seed if seed is not None else hash(name) & 0xFFFF_FFFF)
+        # Without a seed, one derived from the name: the same in every process (hash() is not).
+        self.rng = random.Random(seed if seed is not None else zlib.crc32(name.encode()))
+        # Cycles to replay, in START order across slots; when it ends, cycles are drawn again.
+        self.script: Iterator[ScriptedCycle] | None = None
         self._slots = [_Slot(SlotStatus()) for _ in range(config.capacity)]
         self.cycle_count = 0
         # Per unit id: cycles started, completed (pass or reject) and aborted by a fault here.
         self.starts: Counter[int] = Counter()
+        # Per slot, per unit id: cycles started (the PLC's execution counter for exactly-once).
+        self.slot_starts: list[Counter[int]] = [Counter() for _ in range(config.capacity)]
         self.completions: Counter[int] = Counter()
         self.aborts: Counter[int] = Counter()
         self.commands_evaluated = 0
@@ -128,10 +145,21 @@ class SimStation:
         s = self._slots[slot]
         spec = self.config.sim
         loop = asyncio.get_running_loop()
-        duration = sample_cycle(spec, self.config.cycle_s, self.rng)
         self.starts[unit] += 1
+        self.slot_starts[slot][unit] += 1
         s.started_at = loop.time()
         self._set(slot, state=State.EXECUTE, unit=unit, result=Result.NONE, fault_code=0)
+        scripted = next(self.script, None) if self.script is not None else None
+        s.result = None
+        if scripted is not None:
+            duration = scripted.cycle_s * self.time_scale
+            if scripted.fault_code:
+                s.timer = loop.call_later(duration, self.fault, slot, scripted.fault_code)
+            else:
+                s.result = Result(scripted.result)
+                s.timer = loop.call_later(duration, self._complete, slot)
+            return
+        duration = sample_cycle(spec, self.config.cycle_s, self.rng)
         if spec.fault_p and self.rng.random() < spec.fault_p:
             at = self.rng.uniform(0.1, 0.9) * duration * self.time_scale
             s.timer = loop.call_later(at, self.fault, slot, spec.fault_code)
@@ -143,13 +171,16 @@ class SimStation:
         s.timer = None
         elapsed = asyncio.get_running_loop().time() - s.started_at
         spec = self.config.sim
-        rejected = bool(spec.reject_p) and self.rng.random() < spec.reject_p
+        result = s.result
+        if result is None:
+            rejected = bool(spec.reject_p) and self.rng.random() < spec.reject_p
+            result = Result.REJECT if rejected else Result.PASS
         self.cycle_count += 1
         self.completions[s.status.unit] += 1
         self._set(
             slot,
             state=State.COMPLETE,
-            result=Result.REJECT if rejected else Result.PASS,
+            result=result,
             # The PLC measures in its own (config) time, so it compares with cycle_s.
             cycle_time_ms=round(elapsed / self.time_scale * 1000),
         )

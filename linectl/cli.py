@@ -333,6 +333,24 @@ def trace_command(
         console.print(f"finished  {_when(unit.finished_at)}")
 
 
+@app.command("actions")
+def actions_command(
+    config: ConfigArg,
+    db: DbOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show the newest N actions.")] = 50,
+) -> None:
+    """Show the operator's actions on the line (pause, resume, drains, releases), oldest first."""
+
+    async def query(store: Any) -> Any:
+        return await store.operator_actions(limit=limit)
+
+    console = _console()
+    for entry in _with_store(config, db, query):
+        target = f" {entry.target}" if entry.target else ""
+        detail = f"  ({entry.detail})" if entry.detail else ""
+        console.print(f"{_when(entry.at)}  {entry.action}{target}{detail}", highlight=False)
+
+
 @app.command("export")
 def export_command(
     config: ConfigArg,

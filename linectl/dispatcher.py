@@ -29,6 +29,7 @@ from linectl.flow import (
     StationNode,
     compile_flow,
     next_after,
+    resume_point,
 )
 from linectl.histogram import Histogram
 from linectl.journal import Journal
@@ -64,6 +65,7 @@ class Dispatcher:
             name: StationState(name, cfg, cfg.plc) for name, cfg in line.stations.items()
         }
         self._owed: dict[Slot, None] = {}  # slots owing a RESET, line-wide
+        self._held: dict[Slot, None] = {}  # slots in a refusal backoff
         self._touched: dict[StationState, None] = {}  # stations changed since the last pass
         for st in self.stations.values():
             st.owed = self._owed
@@ -287,7 +289,7 @@ class Dispatcher:
             self._drop(tok)
             return
         node = self.flow.stations[station]
-        if tok.attempt >= self.line.retry.attempts:
+        if tok.attempt - unit.attempts_at_release.get(station, 0) >= self.line.retry.attempts:
             self._quarantine(unit, reason, at, failed=tok, node=node)
             return
         route = self.flow.route_of(station)
@@ -344,7 +346,7 @@ class Dispatcher:
         if failed is not None and failed.slot is not None:
             self._vacate(failed)
         where = node or (self.flow.stations[failed.station] if failed is not None else None)
-        unit.resume = _top_level_index(where) if where is not None else 0
+        unit.resume = resume_point(where) if where is not None else None
         for tok in list(unit.tokens):
             if tok.phase in (Phase.COMMANDED, Phase.RUNNING) and tok.slot is not None:
                 tok.discard = True  # let the PLC finish the cycle, then drop the token
@@ -358,21 +360,25 @@ class Dispatcher:
         self._unit_event("quarantined", unit, at, reason=reason)
         self._check_done()
 
-    def release_quarantined(self, unit_id: int) -> Unit:
-        """Put a quarantined unit back into the line at the flow step where it failed."""
+    def release_quarantined(self, unit_id: int, detail: str = "operator") -> Unit:
+        """Put a quarantined unit back into the line at the station where it failed (the
+        whole fork, if it failed inside one), with its next attempt number there."""
         unit = self.quarantined.pop(unit_id)
         if any(t.slot is not None for t in unit.tokens):
             self.quarantined[unit_id] = unit
             raise ValueError(f"unit {unit.serial} is still finishing a cycle; try again")
         unit.status = "in_line"
-        unit.attempts.clear()
+        # Attempt numbers go on (each names a row of the trace); retries count from here.
+        unit.attempts_at_release = dict(unit.attempts)
         unit.joins.clear()
         unit.tokens.clear()
         self.units[unit.id] = unit
-        tok = Token(unit, self.flow.root.steps[unit.resume])
+        tok = Token(unit, unit.resume or self.flow.root.steps[0])
         unit.tokens.append(tok)
         self._waiting[id(tok)] = tok
-        self.journal.quarantine_released(unit.id, self.wall())
+        wall = self.wall()
+        self.journal.operator_action("release", unit.serial, wall, detail)
+        self.journal.quarantine_released(unit.id, wall)
         self._unit_event("quarantine_released", unit, self.now())
         self._changed()
         return unit
@@ -411,6 +417,12 @@ class Dispatcher:
                 self._send_reset(slot, slot.take_seq())
             else:
                 next_wake = min(next_wake, slot.reset_at)
+        for slot in list(self._held):
+            if now >= slot.held_until:
+                slot.held_until = 0.0
+                del self._held[slot]
+            else:
+                next_wake = min(next_wake, slot.held_until)
         for tok in sorted(self._waiting.values(), key=lambda t: t.unit.id):
             if id(tok) in self._waiting:
                 self._try_move(tok)
@@ -635,6 +647,7 @@ class Dispatcher:
     def _start_confirmed(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         """The PLC echoed the START: the unit has left ``previous``, which is owed a RESET."""
         slot.busy = False
+        slot.refusals = 0
         if tok.ready_at:
             # From the moment it could move (done, and this slot free): the controller's own
             # latency, not the time the unit spent blocked waiting for room.
@@ -653,6 +666,12 @@ class Dispatcher:
         self.journal.step_finished(tok.unit.id, st.name, tok.attempt, self.wall(), "refused")
         slot.occupant = None
         slot.busy = False
+        # Not again at once: the PLC saw something we have not yet (a fault, a hand reset).
+        slot.refusals += 1
+        retry = self.line.retry
+        backoff = min(retry.backoff_s * 2 ** (slot.refusals - 1), retry.backoff_max_s)
+        slot.held_until = self.now() + backoff * self.line.time_scale
+        self._held[slot] = None
         tok.phase = Phase.DONE if previous is not None else Phase.WAITING
         tok.slot = previous
         tok.station = previous.station.name if previous is not None else ""
@@ -670,18 +689,30 @@ class Dispatcher:
 
     # --- operator control -------------------------------------------------------------
 
-    def set_in_service(self, station: str, in_service: bool) -> None:
-        """Take a station out of service (it finishes what it holds, takes nothing new)."""
+    def set_in_service(self, station: str, in_service: bool, detail: str = "operator") -> None:
+        """Take a station out of service (it finishes what it holds, takes nothing new).
+
+        Journalled in order before anything that follows from it, and put back on restart.
+        """
         st = self.stations[station]
         st.in_service = in_service
         st.account(self.now())
         kind = "in_service" if in_service else "out_of_service"
-        self.journal.station_event(station, kind, self.wall(), None, "operator")
+        wall = self.wall()
+        self.journal.operator_action(kind, station, wall, detail)
+        self.journal.station_event(station, kind, wall, None, detail)
         self._changed()
 
-    def pause(self, paused: bool = True) -> None:
+    def pause(self, paused: bool = True, detail: str = "operator") -> None:
+        """Stop (or resume) releasing units; what is in the line carries on."""
         self.paused = paused
+        self.journal.operator_action("pause" if paused else "resume", "", self.wall(), detail)
         self._changed()
+
+    async def wait_durable(self) -> None:
+        """Return once everything decided so far (operator actions included) is journalled
+        durably: the operator API answers only then."""
+        await self.journal.sync()
 
     # --- invariants and statistics ----------------------------------------------------
 
@@ -762,13 +793,3 @@ class Dispatcher:
             handover_seconds=self.handover_hist.snapshot(),
             quarantined_total=self.quarantine_count,
         )
-
-
-def _top_level_index(node: Node) -> int:
-    """Index of the top-level flow step that contains ``node``."""
-    while True:
-        seq = node.parent
-        assert seq is not None
-        if seq.owner is None:
-            return node.index
-        node = seq.owner

@@ -149,3 +149,16 @@ def next_after(node: Node) -> Node | Join | Exit:
         # End of a route branch: carry on after the route.
         seq, index = owner.parent, owner.index
     return Exit()
+
+
+def resume_point(node: Node) -> Node:
+    """Where a unit that failed at ``node`` goes back in when an operator releases it: the
+    station itself, unless it is inside a fork, whose branches have then been dropped, so the
+    whole outermost fork runs again."""
+    found: Node = node
+    seq = node.parent
+    while seq is not None and seq.owner is not None:
+        if isinstance(seq.owner, ForkNode):
+            found = seq.owner
+        seq = seq.owner.parent
+    return found

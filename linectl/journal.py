@@ -150,3 +150,6 @@ class Journal:
         self, station: str, kind: str, at: datetime, state: int | None = None, detail: str = ""
     ) -> None:
         self._put("station_event", station, kind, at, state, detail)
+
+    def operator_action(self, action: str, target: str, at: datetime, detail: str = "") -> None:
+        self._put("operator_action", action, target, at, detail)

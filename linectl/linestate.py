@@ -44,7 +44,9 @@ class Unit:
     attempts: dict[str, int] = field(default_factory=dict)  # station -> tries so far
     joins: dict[int, int] = field(default_factory=dict)  # id(fork) -> branches done
     branches: dict[str, int] = field(default_factory=dict)  # route path -> branch taken
-    resume: int = 0  # top-level flow step to restart from when released from quarantine
+    resume: Node | None = None  # where it goes back in when released (None: the first step)
+    # Attempts per station when it was last released: retries count from there.
+    attempts_at_release: dict[str, int] = field(default_factory=dict)
     reason: str = ""
     finished_at: float | None = None
 
@@ -78,6 +80,9 @@ class Slot:
     # station's durable intent already proves this step passed (recovery.py reads it so).
     reset_waits_for_journal: bool = True
     reset_at: float = 0.0  # not before this time (fault reset backoff)
+    # After the PLC refused a START here, no new START before this time (refusal backoff).
+    held_until: float = 0.0
+    refusals: int = 0  # consecutive refused STARTs
     executing_since: float | None = None
     idle_since: float = 0.0  # when the PLC last showed it Idle
 
@@ -161,6 +166,7 @@ class StationState:
                 slot.occupant is None
                 and not slot.busy
                 and not slot.needs_reset
+                and not slot.held_until
                 and slot.status is not None
                 and slot.status.state == State.IDLE
             ):

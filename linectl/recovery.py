@@ -8,11 +8,16 @@ were; the PLCs then settle what the journal could not know:
 * a step the PLC never saw is sent again with the same sequence number;
 * a step still open but followed by a later step of its unit passed (the unit only moves on
   after a pass), so it is closed as such.
+
+An operator's release from quarantine is replayed at its place among the steps: the unit goes
+back in where it failed (``flow.resume_point``), with its attempt numbers going on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from linectl.flow import (
@@ -24,6 +29,7 @@ from linectl.flow import (
     RouteNode,
     StationNode,
     next_after,
+    resume_point,
 )
 
 
@@ -34,6 +40,7 @@ class StepLike(Protocol):
     seq: int
     status: str
     result: str | None
+    commanded_at: datetime
 
 
 @dataclass
@@ -57,6 +64,8 @@ class Replayed:
     attempts: dict[str, int] = field(default_factory=dict)
     finished: bool = False
     rejected_at: str = ""  # the last step was a reject: the unit belongs in quarantine
+    failed_at: str = ""  # the station of its last reject, fault or lost step
+    attempts_at_release: dict[str, int] = field(default_factory=dict)
     superseded: list[StepLike] = field(default_factory=list)  # open steps that must have passed
 
 
@@ -119,10 +128,26 @@ def _advance(placed: Placed, where: Node | Join | Exit, out: Replayed) -> None:
         placed.target = where
 
 
-def replay(flow: CompiledFlow, steps: list[StepLike], resume: int = 0) -> Replayed:
-    """Put a unit's tokens where its journalled ``steps`` (in order) leave them."""
-    out = Replayed(tokens=[Placed(flow.root.steps[resume])])
+def _released(flow: CompiledFlow, out: Replayed) -> None:
+    """An operator released the unit from quarantine: it goes back in where it failed."""
+    failed = flow.stations.get(out.failed_at)
+    out.tokens = [Placed(resume_point(failed) if failed is not None else flow.root.steps[0])]
+    out.joins.clear()
+    out.rejected_at = ""
+    out.attempts_at_release = dict(out.attempts)
+
+
+def replay(
+    flow: CompiledFlow, steps: list[StepLike], releases: Sequence[datetime] = ()
+) -> Replayed:
+    """Put a unit's tokens where its journalled ``steps`` (in order) and the operator's
+    ``releases`` of it from quarantine leave them."""
+    out = Replayed(tokens=[Placed(flow.root.steps[0])])
+    pending = sorted(releases)
     for i, step in enumerate(steps):
+        while pending and pending[0] <= step.commanded_at:
+            pending.pop(0)
+            _released(flow, out)
         if step.station not in flow.stations:
             raise ReplayError(f"step at unknown station '{step.station}'")
         # The token at this station: one heading there, or one done there earlier (a retry).
@@ -158,9 +183,11 @@ def replay(flow: CompiledFlow, steps: list[StepLike], resume: int = 0) -> Replay
             tok.open = False
             _advance(tok, next_after(node), out)
         elif result == "reject":
-            out.rejected_at = step.station
+            out.rejected_at = out.failed_at = step.station
             tok.target = None
         else:  # fault, refused, abandoned: the step is to be tried again
+            if result != "refused":
+                out.failed_at = step.station
             tok.open = False
             tok.station, tok.slot = "", None
             route = flow.route_of(step.station)
@@ -168,6 +195,8 @@ def replay(flow: CompiledFlow, steps: list[StepLike], resume: int = 0) -> Replay
                 route is not None and node.index == 0 and node.parent is route[0].branches[route[1]]
             )
             tok.target = route[0] if first_of_branch and route is not None else node
+    for _ in pending:
+        _released(flow, out)
     return out
 
 

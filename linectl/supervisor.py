@@ -25,6 +25,7 @@ from linectl.drivers.base import (
     StationViolation,
 )
 from linectl.errors import CommandRefused, PlcConnectionLost, PlcTimeout
+from linectl.flow import resume_point
 from linectl.journal import Journal
 from linectl.linestate import Phase, Slot, Token, Unit
 from linectl.recovery import ReplayError, replay
@@ -66,6 +67,7 @@ class Supervisor(Dispatcher):
             self._drivers[name] = self._driver_factory(name, plc, on_plc, self._on_driver_event)
         self.next_unit_id = max(self.next_unit_id, await self.journal.next_unit_id())
         resumes = await self._recover()
+        self._check_done()  # a restart may find every unit of release.count already done
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             background = [
@@ -231,19 +233,29 @@ class Supervisor(Dispatcher):
         resumes: list[tuple[Token, Slot]] = []
         now = self.now()
         wall_now = self.wall(now)
+        await self._restore_operator_state(store)
         for rec in await store.open_units():
             released = now - (wall_now - rec.released_at).total_seconds()
             unit = Unit(rec.unit_id, rec.serial, released)
             self.recovered += 1
+            try:
+                placed = replay(self.flow, list(rec.steps), rec.releases)
+            except ReplayError as exc:
+                placed = None
+                error = exc
             if rec.status == "quarantined":
                 unit.status, unit.reason = "quarantined", rec.reason or ""
+                if placed is not None:
+                    # So that a release after the restart goes back where it failed.
+                    unit.attempts = placed.attempts
+                    unit.attempts_at_release = placed.attempts_at_release
+                    failed = self.flow.stations.get(placed.failed_at)
+                    unit.resume = resume_point(failed) if failed is not None else None
                 self.quarantined[unit.id] = unit
                 continue
             self.units[unit.id] = unit
-            try:
-                placed = replay(self.flow, list(rec.steps))
-            except ReplayError as exc:
-                self._quarantine(unit, f"cannot resume after restart: {exc}", now)
+            if placed is None:
+                self._quarantine(unit, f"cannot resume after restart: {error}", now)
                 continue
             for step in placed.superseded:
                 self.journal.step_finished(unit.id, step.station, step.attempt, wall_now, "pass")
@@ -252,6 +264,23 @@ class Supervisor(Dispatcher):
                 placed.joins,
                 placed.branches,
             )
+            unit.attempts_at_release = placed.attempts_at_release
+            misplaced = [
+                p
+                for p in placed.tokens
+                if p.station
+                and p.slot is not None
+                and p.slot >= self.stations[p.station].config.capacity
+            ]
+            if misplaced:
+                p = misplaced[0]
+                self._quarantine(
+                    unit,
+                    f"cannot resume after restart: it is in slot {p.slot} of '{p.station}', "
+                    f"which now has capacity {self.stations[p.station].config.capacity}",
+                    now,
+                )
+                continue
             if placed.finished:
                 self._finish_unit(unit, now)
                 continue
@@ -280,6 +309,29 @@ class Supervisor(Dispatcher):
                 len(self.quarantined),
             )
         return resumes
+
+    async def _restore_operator_state(self, store) -> None:
+        """Put back what the operator's journalled actions left in force: a paused line,
+        stations out of service (a drained station must stay drained across a restart)."""
+        state = await store.operator_state()
+        self.paused = state.paused
+        for name in sorted(state.out_of_service):
+            if name in self.stations:
+                self.stations[name].in_service = False
+            else:
+                log.warning(
+                    "station '%s' was taken out of service but is no longer in the "
+                    "config; ignoring that action",
+                    name,
+                )
+        if state.paused or state.out_of_service:
+            log.info(
+                "operator actions in force: %s",
+                ", ".join(
+                    (["release paused"] if state.paused else [])
+                    + [f"'{n}' out of service" for n in sorted(state.out_of_service)]
+                ),
+            )
 
     async def _resume(self, tok: Token, slot: Slot) -> None:
         """Settle a step that was commanded before the restart: await it if the PLC took it,

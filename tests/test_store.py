@@ -107,6 +107,7 @@ async def test_every_write_reads_back_exactly_as_written(url: str) -> None:
                 1, "press_2", 1, 2, 2**32 - 1, at(21), at(21.5), at(40), "done", "reject", 0, 18.4
             ),
         ),
+        releases=(at(20),),
     )
     assert trace.quarantines == (QuarantineRecord(at(13), "press_2 fault 17", at(20)),)
     assert trace.steps[0].duration_s == pytest.approx(8.25)
@@ -429,7 +430,8 @@ async def test_a_newer_schema_is_refused_and_left_untouched(url: str) -> None:
     async with await TraceStore.open(url, "L1") as store:
         await store.unit_released(1, "L1-000001", at(0))
     query(url, "UPDATE schema_meta SET version = :v", v=SCHEMA_VERSION + 1)
-    with pytest.raises(StoreError, match=r"schema version 2 is newer .* upgrade linectl"):
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match=rf"schema version {newer} is newer .* upgrade linectl"):
         await TraceStore.open(url, "L1")
     assert query(url, "SELECT version FROM schema_meta") == [(SCHEMA_VERSION + 1,)]
     assert query(url, "SELECT serial FROM units") == [("L1-000001",)]
@@ -449,11 +451,12 @@ def test_an_older_schema_is_migrated_in_order_keeping_its_data(url: str) -> None
 
     engine = make_engine(url)
     try:
-        found = prepare(engine, "test", migrations={**MIGRATIONS, 2: v2, 3: v3})
+        now = SCHEMA_VERSION
+        found = prepare(engine, "test", migrations={**MIGRATIONS, now + 1: v2, now + 2: v3})
     finally:
         engine.dispose()
-    assert (found, applied) == (1, [2, 3])
-    assert query(url, "SELECT version FROM schema_meta") == [(3,)]
+    assert (found, applied) == (SCHEMA_VERSION, [2, 3])
+    assert query(url, "SELECT version FROM schema_meta") == [(SCHEMA_VERSION + 2,)]
     assert query(url, "SELECT serial, colour FROM units") == [("L1-000001", "blue")]
 
 
@@ -467,10 +470,10 @@ def test_a_failed_migration_leaves_the_database_as_it_was(url: str) -> None:
     engine = make_engine(url)
     try:
         with pytest.raises(Exception, match="no_such_column"):
-            prepare(engine, "test", migrations={**MIGRATIONS, 2: broken})
+            prepare(engine, "test", migrations={**MIGRATIONS, SCHEMA_VERSION + 1: broken})
     finally:
         engine.dispose()
-    assert query(url, "SELECT version FROM schema_meta") == [(1,)]
+    assert query(url, "SELECT version FROM schema_meta") == [(SCHEMA_VERSION,)]
     assert query(url, "SELECT * FROM units")[0][:3] == ("L1", 1, "L1-000001")
     assert asyncio.run(_serials(url)) == ["L1-000001"]
 

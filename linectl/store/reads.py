@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import Connection, func, tuple_
@@ -11,13 +12,15 @@ from sqlmodel import exists, select
 
 from linectl.store.records import (
     ExportRow,
+    OperatorActionRecord,
+    OperatorState,
     QuarantineRecord,
     StationEventRecord,
     StepRecord,
     UnitRecord,
     UnitTrace,
 )
-from linectl.store.schema import Quarantine, StationEvent, Step, Unit
+from linectl.store.schema import OperatorAction, Quarantine, StationEvent, Step, Unit
 
 # Units per IN (...) list, well under SQLite's limit on bound parameters.
 _CHUNK = 500
@@ -71,10 +74,33 @@ def _steps_of(conn: Connection, line: str, unit_ids: Sequence[int]) -> dict[int,
     return found
 
 
+def _releases_of(conn: Connection, line: str, unit_ids: Sequence[int]) -> dict[int, list]:
+    found: dict[int, list] = defaultdict(list)
+    for start in range(0, len(unit_ids), _CHUNK):
+        chunk = unit_ids[start : start + _CHUNK]
+        rows = conn.execute(
+            select(Quarantine.unit_id, Quarantine.released_at)
+            .where(
+                Quarantine.line == line,
+                Quarantine.unit_id.in_(chunk),
+                Quarantine.released_at.is_not(None),
+            )
+            .order_by(Quarantine.unit_id, Quarantine.released_at, Quarantine.id)
+        )
+        for unit_id, released_at in rows:
+            found[unit_id].append(released_at)
+    return found
+
+
 def _with_steps(conn: Connection, line: str, rows: Iterable) -> list[UnitRecord]:
     rows = list(rows)
-    steps = _steps_of(conn, line, [r.unit_id for r in rows])
-    return [_unit(r, steps.get(r.unit_id, ())) for r in rows]
+    ids = [r.unit_id for r in rows]
+    steps = _steps_of(conn, line, ids)
+    releases = _releases_of(conn, line, ids)
+    return [
+        replace(_unit(r, steps.get(r.unit_id, ())), releases=tuple(releases.get(r.unit_id, ())))
+        for r in rows
+    ]
 
 
 def next_unit_id(conn: Connection, line: str) -> int:
@@ -205,3 +231,39 @@ def export_page(
         )
         last = (r.unit_id, r.station, r.attempt)
     return rows, (last if len(rows) == size else None)
+
+
+def operator_actions(
+    conn: Connection, line: str, *, since: datetime | None = None, limit: int | None = None
+) -> list[OperatorActionRecord]:
+    """The operator's actions on the line, oldest first."""
+    query = select(OperatorAction).where(OperatorAction.line == line)
+    if since is not None:
+        query = query.where(OperatorAction.at >= since)
+    query = query.order_by(OperatorAction.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    rows = list(conn.execute(query))
+    return [OperatorActionRecord(r.at, r.action, r.target, r.detail) for r in reversed(rows)]
+
+
+def operator_state(conn: Connection, line: str) -> OperatorState:
+    """What the latest action on the line and on each station left in force."""
+    latest = (
+        select(func.max(OperatorAction.id))
+        .where(
+            OperatorAction.line == line,
+            OperatorAction.action.in_(("pause", "resume", "out_of_service", "in_service")),
+        )
+        .group_by(OperatorAction.target)
+    )
+    rows = conn.execute(
+        select(OperatorAction.action, OperatorAction.target).where(OperatorAction.id.in_(latest))
+    )
+    paused, out = False, set()
+    for action, target in rows:
+        if action == "pause":
+            paused = True
+        elif action == "out_of_service":
+            out.add(target)
+    return OperatorState(paused=paused, out_of_service=frozenset(out))

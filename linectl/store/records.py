@@ -20,6 +20,8 @@ EVENT_KINDS = (
     "out_of_service",
     "in_service",
 )
+# What an operator may do; each is journalled before it takes effect and replayed on restart.
+OPERATOR_ACTIONS = ("pause", "resume", "out_of_service", "in_service", "release")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class UnitRecord:
     reason: str | None
     quarantined_at: datetime | None
     steps: tuple[StepRecord, ...] = ()
+    releases: tuple[datetime, ...] = ()  # when an operator released it from quarantine
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +130,19 @@ class StoreStatistics:
     last_batch_size: int
     last_commit_latency_s: float | None
     failed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorActionRecord:
+    at: datetime
+    action: str  # one of OPERATOR_ACTIONS
+    target: str  # the station, or the unit's serial for a release; "" for the line
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorState:
+    """What the operator's actions leave in force: the line paused, stations out of service."""
+
+    paused: bool = False
+    out_of_service: frozenset[str] = frozenset()

@@ -25,7 +25,13 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, select, update
 
 from linectl.errors import StoreError
-from linectl.store.records import EVENT_KINDS, STEP_RESULTS, STEP_STATUSES, UNIT_STATUSES
+from linectl.store.records import (
+    EVENT_KINDS,
+    OPERATOR_ACTIONS,
+    STEP_RESULTS,
+    STEP_STATUSES,
+    UNIT_STATUSES,
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -134,6 +140,23 @@ class Quarantine(SQLModel, table=True):
     released_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class OperatorAction(SQLModel, table=True):
+    """An operator's action on the line, journalled before it takes effect."""
+
+    __tablename__ = "operator_actions"
+    __table_args__ = (
+        _one_of("action", OPERATOR_ACTIONS, "ck_operator_actions_action"),
+        Index("ix_operator_actions_line_id", "line", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_ID)
+    line: str
+    at: datetime = Field(sa_type=UTCDateTime)
+    action: str
+    target: str = ""
+    detail: str = ""
+
+
 class SchemaMeta(SQLModel, table=True):
     """One row: the schema version the database is at."""
 
@@ -153,10 +176,15 @@ def _create_v1(conn: Connection) -> None:
     SQLModel.metadata.create_all(conn, tables=tables)
 
 
+def _create_v2(conn: Connection) -> None:
+    # Version 2: operator actions become durable (drain, pause and release survive a restart).
+    SQLModel.metadata.create_all(conn, tables=[SQLModel.metadata.tables["operator_actions"]])
+
+
 Migration = Callable[[Connection], None]
 
 # MIGRATIONS[n] takes a database from version n-1 to n; version 0 is an empty database.
-MIGRATIONS: Mapping[int, Migration] = {1: _create_v1}
+MIGRATIONS: Mapping[int, Migration] = {1: _create_v1, 2: _create_v2}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 

@@ -27,9 +27,12 @@ from linectl.store.db import make_engine, mask, parse_url, scrub
 from linectl.store.records import (
     DONE_RESULTS,
     EVENT_KINDS,
+    OPERATOR_ACTIONS,
     STEP_RESULTS,
     UNIT_STATUSES,
     ExportRow,
+    OperatorActionRecord,
+    OperatorState,
     StationEventRecord,
     StoreStatistics,
     UnitRecord,
@@ -380,6 +383,21 @@ class TraceStore:
             },
         )
 
+    async def operator_action(
+        self, action: str, target: str, at: datetime, detail: str = ""
+    ) -> None:
+        """An operator's action (pause, resume, a station in or out of service, a release)."""
+        await self._submit(
+            "operator_action",
+            {
+                "line": self.line,
+                "at": _utc(at, "at"),
+                "action": _one_of(action, OPERATOR_ACTIONS, "action"),
+                "target": target,
+                "detail": detail,
+            },
+        )
+
     async def flush(self) -> None:
         """Return once every write queued so far is committed."""
         if self._failure is not None:
@@ -453,6 +471,21 @@ class TraceStore:
         if found is None:
             raise StoreError(f"trace store {self._where}: no unit with serial '{serial}'")
         return found
+
+    async def operator_actions(
+        self, since: datetime | None = None, limit: int | None = None
+    ) -> list[OperatorActionRecord]:
+        """The operator's actions on this line, oldest first (the newest ``limit``)."""
+        return await self._read(
+            reads.operator_actions,
+            self.line,
+            since=None if since is None else _utc(since, "since"),
+            limit=limit,
+        )
+
+    async def operator_state(self) -> OperatorState:
+        """What the operator's actions leave in force, for a restart to put back."""
+        return await self._read(reads.operator_state, self.line)
 
     async def station_events(
         self,

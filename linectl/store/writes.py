@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, case, exists, or_, s
 from sqlalchemy.exc import SQLAlchemyError
 
 from linectl.errors import StoreError
-from linectl.store.schema import Quarantine, StationEvent, Step, Unit
+from linectl.store.schema import OperatorAction, Quarantine, StationEvent, Step, Unit
 
 Params = dict[str, Any]
 Write = tuple[str, Params]  # (kind, parameters); kind "flush" is a marker that writes nothing
@@ -22,6 +22,7 @@ _units = Unit.__table__
 _steps = Step.__table__
 _events = StationEvent.__table__
 _quarantine = Quarantine.__table__
+_actions = OperatorAction.__table__
 
 # Bound names in a WHERE clause must differ from the column names being set, and a parameter
 # named like a column of the table is set on it, so keys and extras carry prefixes.
@@ -163,6 +164,10 @@ def _station_event(conn: Connection, rows: list[Params]) -> None:
     conn.execute(_events.insert(), rows)
 
 
+def _operator_action(conn: Connection, rows: list[Params]) -> None:
+    conn.execute(_actions.insert(), rows)
+
+
 def _flush(conn: Connection, rows: list[Params]) -> None:
     pass
 
@@ -176,6 +181,7 @@ _APPLY: dict[str, Callable[[Connection, list[Params]], None]] = {
     "unit_quarantined": _unit_quarantined,
     "quarantine_released": _quarantine_released,
     "station_event": _station_event,
+    "operator_action": _operator_action,
     "flush": _flush,
 }
 

@@ -3,17 +3,31 @@ supervisor (drain a station or branch, pause release, release a quarantined unit
 
 Bound to 127.0.0.1 by default. Bound anywhere else it refuses to start without a token in
 ``LINECTL_API_TOKEN``, and every command must then carry ``Authorization: Bearer <token>``.
+linectl.endpoints adds the limits and the cross-site rules (docs/security.md).
+
+Other modules add routes (the web line view: ``GET /``, ``/static/*``, ``/events``) to
+``OperatorApi.app``, an aiohttp ``web.Application``, between construction and ``start()``::
+
+    api = OperatorApi(sup, line, token)
+    api.app.router.add_get("/", index)
+    await api.start()
+
+``serve_api(sup, line, extend=add_view_routes)`` does the same: ``extend(api)`` is called
+before the endpoint starts. Added routes run under the same rules (Host, limits, and for
+anything but GET/HEAD/OPTIONS: JSON only, no foreign Origin, the token).
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
+from collections.abc import Callable
+
+from aiohttp import web
 
 from linectl.config import Line
+from linectl.endpoints import Body, Endpoint, HttpError, json_response, make_app, read_body
 from linectl.errors import ConfigError
-from linectl.httpd import HttpError, HttpServer, Request, Response, json_response
 from linectl.supervisor import Supervisor
 
 TOKEN_ENV = "LINECTL_API_TOKEN"
@@ -54,48 +68,64 @@ def status_of(sup: Supervisor) -> dict:
     }
 
 
+class StationBody(Body):
+    station: str
+    in_service: bool
+
+
+class ReleaseBody(Body):
+    serial: str
+
+
+class NoBody(Body):
+    pass
+
+
 class OperatorApi:
+    """The operator API's routes on ``app``, served by ``start()`` on ``line.api``."""
+
     def __init__(self, sup: Supervisor, line: Line, token: str | None) -> None:
         self.sup = sup
         self.token = token
-        self.http = HttpServer(line.api.host, line.api.port, name="operator api")
-        for method, path, handler in [
-            ("GET", "/status", self.status),
-            ("GET", "/quarantine", self.quarantine),
-            ("POST", "/pause", self.pause),
-            ("POST", "/resume", self.resume),
-            ("POST", "/station", self.station),
-            ("POST", "/branch", self.branch),
-            ("POST", "/release", self.release),
-        ]:
-            self.http.route(method, path, self._guard(handler) if method == "POST" else handler)
+        self.app: web.Application = make_app(token=token)
+        self.app.router.add_routes(
+            [
+                web.get("/status", self.status),
+                web.get("/quarantine", self.quarantine),
+                web.post("/pause", self.pause),
+                web.post("/resume", self.resume),
+                web.post("/station", self.station),
+                web.post("/branch", self.branch),
+                web.post("/release", self.release),
+            ]
+        )
+        self.http = Endpoint(
+            self.app,
+            line.api.host,
+            line.api.port,
+            name="operator api",
+            allowed_hosts=line.api.allowed_hosts,
+        )
 
     @property
     def port(self) -> int:
         return self.http.port
 
+    async def start(self) -> None:
+        await self.http.start()
+
     async def stop(self) -> None:
         await self.http.stop()
 
-    def _guard(self, handler):
-        async def guarded(request: Request) -> Response:
-            if self.token is not None:
-                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), self.token.encode()):
-                    raise HttpError(401, "missing or wrong operator token")
-            return await handler(request)
-
-        return guarded
-
-    def _station(self, name: object) -> str:
-        if not isinstance(name, str) or name not in self.sup.stations:
+    def _station(self, name: str) -> str:
+        if name not in self.sup.stations:
             raise HttpError(404, f"unknown station {name!r}; stations: {sorted(self.sup.stations)}")
         return name
 
-    async def status(self, _request: Request) -> Response:
+    async def status(self, _request: web.Request) -> web.Response:
         return json_response(status_of(self.sup))
 
-    async def quarantine(self, _request: Request) -> Response:
+    async def quarantine(self, _request: web.Request) -> web.Response:
         return json_response(
             [
                 {"serial": u.serial, "unit_id": u.id, "reason": u.reason}
@@ -103,37 +133,37 @@ class OperatorApi:
             ]
         )
 
-    async def pause(self, _request: Request) -> Response:
+    async def pause(self, request: web.Request) -> web.Response:
+        await read_body(request, NoBody)
         self.sup.pause(True)
         return json_response({"paused": True})
 
-    async def resume(self, _request: Request) -> Response:
+    async def resume(self, request: web.Request) -> web.Response:
+        await read_body(request, NoBody)
         self.sup.pause(False)
         return json_response({"paused": False})
 
-    async def station(self, request: Request) -> Response:
-        body = request.json()
-        name = self._station(body.get("station"))
-        in_service = bool(body.get("in_service", False))
-        self.sup.set_in_service(name, in_service)
-        return json_response({"station": name, "in_service": in_service})
+    async def station(self, request: web.Request) -> web.Response:
+        body = await read_body(request, StationBody)
+        name = self._station(body.station)
+        self.sup.set_in_service(name, body.in_service)
+        return json_response({"station": name, "in_service": body.in_service})
 
-    async def branch(self, request: Request) -> Response:
+    async def branch(self, request: web.Request) -> web.Response:
         """Every station of one route branch, named by one of its stations."""
-        body = request.json()
-        name = self._station(body.get("station"))
+        body = await read_body(request, StationBody)
+        name = self._station(body.station)
         found = self.sup.flow.route_of(name)
         if found is None:
             raise HttpError(400, f"station '{name}' is not in a route branch")
         route, b = found
-        in_service = bool(body.get("in_service", False))
         stations = route.branches[b].stations()
         for st in stations:
-            self.sup.set_in_service(st, in_service)
-        return json_response({"stations": stations, "in_service": in_service})
+            self.sup.set_in_service(st, body.in_service)
+        return json_response({"stations": stations, "in_service": body.in_service})
 
-    async def release(self, request: Request) -> Response:
-        serial = request.json().get("serial")
+    async def release(self, request: web.Request) -> web.Response:
+        serial = (await read_body(request, ReleaseBody)).serial
         unit = next((u for u in self.sup.quarantined.values() if u.serial == serial), None)
         if unit is None:
             raise HttpError(404, f"no quarantined unit {serial!r}")
@@ -144,7 +174,11 @@ class OperatorApi:
         return json_response({"released": serial})
 
 
-async def serve_api(sup: Supervisor, line: Line) -> OperatorApi:
+async def serve_api(
+    sup: Supervisor, line: Line, extend: Callable[[OperatorApi], None] | None = None
+) -> OperatorApi:
+    """Start the operator API on ``line.api``; ``extend(api)`` may add routes to ``api.app``
+    first."""
     token = os.environ.get(TOKEN_ENV) or None
     if not _loopback(line.api.host) and token is None:
         raise ConfigError(
@@ -154,5 +188,7 @@ async def serve_api(sup: Supervisor, line: Line) -> OperatorApi:
             ]
         )
     api = OperatorApi(sup, line, token)
-    await api.http.start()
+    if extend is not None:
+        extend(api)
+    await api.start()
     return api

@@ -464,6 +464,9 @@ def run_command(
         )
     except LinectlError as exc:
         _fail(exc)
+    except OSError as exc:  # a port already taken, named by the endpoint that wanted it
+        typer.echo(f"linectl run: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command("demo")

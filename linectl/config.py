@@ -358,8 +358,18 @@ class Storage(_Model):
 class Endpoint(_Model):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Names clients may call this endpoint by, besides its address; any other "
+        "name in a request's Host header is refused (DNS rebinding). docs/security.md.",
+    )
 
     _host = field_validator("host")(_check_host)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_host(n) for n in names)
 
 
 class Line(_Model):
@@ -538,7 +548,29 @@ def _check_references(cfg: Line) -> list[tuple[str, str]]:
                         )
                     )
     problems.extend(_check_addresses(cfg))
+    problems.extend(_check_endpoints(cfg))
     return problems
+
+
+def _check_endpoints(cfg: Line) -> list[tuple[str, str]]:
+    """metrics and api cannot share a port on one address: the second would not start."""
+    m, a = cfg.metrics, cfg.api
+    if m.port == 0 or m.port != a.port:
+        return []
+
+    def address(host: str) -> str:
+        return "127.0.0.1" if host == "localhost" else host
+
+    wildcard = {"0.0.0.0", "::"}
+    if address(m.host) == address(a.host) or {m.host, a.host} & wildcard:
+        return [
+            (
+                "api.port",
+                f"port {a.port} is also metrics.port on {m.host}; give the operator API "
+                "and the metrics endpoint different ports",
+            )
+        ]
+    return []
 
 
 def _check_addresses(cfg: Line) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -25,8 +26,8 @@ from prometheus_client.registry import Collector
 
 from linectl.analysis import Analysis, analyze
 from linectl.config import Line
+from linectl.endpoints import Endpoint, make_app
 from linectl.histogram import HistogramSnapshot
-from linectl.httpd import HttpServer, Request, Response
 from linectl.linestate import Condition, StationStatistics, SupervisorStatistics
 
 PREFIX = "linectl_"
@@ -331,23 +332,45 @@ def _histogram(
     return m
 
 
-class MetricsServer(HttpServer):
+class MetricsServer:
     """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
 
     def __init__(self, supervisor: Any, line: Line, host: str, port: int) -> None:
-        super().__init__(host, port, name="metrics")
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = LineCollector(supervisor, line)
         self.registry.register(self.collector)
-        self.route("GET", "/metrics", self._metrics)
+        self.app = make_app()
+        self.app.router.add_get("/metrics", self._metrics)
+        self.http = Endpoint(
+            self.app, host, port, name="metrics", allowed_hosts=line.metrics.allowed_hosts
+        )
 
-    async def _metrics(self, _request: Request) -> Response:
+    @property
+    def host(self) -> str:
+        return self.http.host
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def stop(self) -> None:
+        await self.http.stop()
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
         # Synchronous on purpose: statistics() is read on the loop's thread, between events.
-        return Response(200, generate_latest(self.registry), CONTENT_TYPE)
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
         return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
 
 async def serve_metrics(

@@ -4,8 +4,9 @@
 ``ControlServer`` on 127.0.0.1 through which tests and demos in another process inject faults
 and read the stations' counters. docs/simulators.md describes the routes.
 
-The HTTP side is linectl.httpd's small server (HTTP/1.1, JSON bodies with Content-Length, one
-request per connection); each route here is a plain function of the request's JSON object.
+The HTTP side is linectl.endpoints (aiohttp with linectl's limits: a command is a POST with a
+JSON object body and ``Content-Type: application/json``); each route here is a plain function of
+the request's JSON object.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import difflib
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
+
 from linectl.config import Line
-from linectl.httpd import Handler, HttpError, HttpServer, Request, Response, json_response
+from linectl.endpoints import Endpoint, HttpError, json_response, make_app, read_json
 from simulators.runner import SimLine
 from simulators.station import SimStation
 
@@ -31,11 +34,11 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-class ControlServer(HttpServer):
+class ControlServer(Endpoint):
     """HTTP/1.1 JSON control of a running ``SimLine``, bound to 127.0.0.1 only."""
 
     def __init__(self, sim: SimLine, port: int = 0) -> None:
-        super().__init__("127.0.0.1", port, name="control interface")
+        super().__init__(make_app(), "127.0.0.1", port, name="control interface")
         self.sim = sim
         routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
             ("GET", "/"): self._index,
@@ -45,8 +48,9 @@ class ControlServer(HttpServer):
             ("POST", "/drop"): self._drop,
             ("POST", "/violate"): self._violate,
         }
+        self.routes = list(routes)
         for (method, path), route in routes.items():
-            self.route(method, path, _json_route(route))
+            self.app.router.add_route(method, path, _json_route(route))
 
     async def __aenter__(self) -> ControlServer:
         await self.start()
@@ -169,11 +173,14 @@ def _int(args: dict[str, Any], key: str, default: int | None, lo: int, hi: int) 
     return value
 
 
-def _json_route(route: Callable[[dict[str, Any]], Reply]) -> Handler:
+def _json_route(
+    route: Callable[[dict[str, Any]], Reply],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A handler of the JSON-object body that answers ``route``'s (status, JSON object)."""
 
-    async def handler(request: Request) -> Response:
-        status, reply = route(request.json())
+    async def handler(request: web.Request) -> web.Response:
+        args = await read_json(request) if request.method == "POST" else {}
+        status, reply = route(args)
         return json_response(reply, status)
 
     return handler

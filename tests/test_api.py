@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.error
 import urllib.request
 
@@ -24,6 +25,7 @@ def call(port: int, method: str, path: str, body: dict | None = None, token: str
         f"http://127.0.0.1:{port}{path}",
         data=json.dumps(body).encode() if body is not None else None,
         method=method,
+        headers={"Content-Type": "application/json"},
     )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -110,7 +112,7 @@ async def test_a_quarantined_unit_is_listed_and_released_through_the_api():
 async def test_with_a_token_every_command_needs_it():
     async with running_line(LINE) as run:
         api = OperatorApi(run.sup, run.sim.line, token="s3cret")
-        await api.http.start()
+        await api.start()
         try:
             status, reply = await asyncio.to_thread(call, api.port, "POST", "/pause", {})
             assert status == 401 and "token" in reply["error"]
@@ -120,7 +122,7 @@ async def test_with_a_token_every_command_needs_it():
             status, _ = await asyncio.to_thread(call, api.port, "POST", "/pause", {}, "s3cret")
             assert status == 200 and run.sup.paused
         finally:
-            await api.http.stop()
+            await api.stop()
 
 
 async def test_off_loopback_without_a_token_the_api_refuses_to_start(monkeypatch):
@@ -128,3 +130,105 @@ async def test_off_loopback_without_a_token_the_api_refuses_to_start(monkeypatch
     line = parse_config(LINE.replace("api: {port: 0}", "api: {host: 10.1.2.3, port: 0}"))
     with pytest.raises(ConfigError, match="LINECTL_API_TOKEN"):
         await serve_api(None, line)  # refused before anything binds
+
+
+def post_raw(port: int, path: str, body: bytes, **headers: str):
+    """A POST as a web page in a browser would send it, or with a loose type."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, method="POST", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_a_cross_site_post_or_a_string_for_a_boolean_never_drains_a_station():
+    async with running_line(LINE) as run:
+        api = await serve_api(run.sup, run.sim.line)
+        try:
+            drain = json.dumps({"station": "r1", "in_service": False}).encode()
+            for headers, status, says in [
+                ({"Content-Type": "text/plain"}, 415, "application/json"),
+                (
+                    {"Content-Type": "application/json", "Origin": "http://evil.example"},
+                    403,
+                    "cross-site",
+                ),
+                ({"Content-Type": "application/json", "Host": "evil.example"}, 421, "Host"),
+            ]:
+                got, reply = await asyncio.to_thread(
+                    post_raw, api.port, "/station", drain, **headers
+                )
+                assert (got, says in reply["error"]) == (status, True), reply
+                assert run.sup.stations["r1"].in_service
+            run.sup.set_in_service("r1", False)
+            loose = json.dumps({"station": "r1", "in_service": "false"}).encode()
+            got, reply = await asyncio.to_thread(
+                post_raw, api.port, "/station", loose, **{"Content-Type": "application/json"}
+            )
+            assert got == 400 and "'in_service': input should be a valid boolean" in reply["error"]
+            assert not run.sup.stations["r1"].in_service  # "false" did not turn it back on
+        finally:
+            await api.stop()
+
+
+async def test_routes_added_before_start_are_served_under_the_same_rules():
+    from aiohttp import web
+
+    from linectl.endpoints import json_response
+
+    async def hello(_request: web.Request) -> web.Response:
+        return json_response({"hello": "line"})
+
+    def extend(api: OperatorApi) -> None:
+        api.app.router.add_get("/hello", hello)
+        api.app.router.add_post("/poke", hello)
+
+    async with running_line(LINE) as run:
+        api = await serve_api(run.sup, run.sim.line, extend=extend)
+        try:
+            assert await asyncio.to_thread(call, api.port, "GET", "/hello") == (
+                200,
+                {"hello": "line"},
+            )
+            got, _ = await asyncio.to_thread(
+                post_raw, api.port, "/poke", b"{}", **{"Content-Type": "text/plain"}
+            )
+            assert got == 415
+        finally:
+            await api.stop()
+
+
+@pytest.mark.parametrize("which", ["metrics", "api"])
+async def test_run_on_a_taken_port_says_so_in_one_line(tmp_path, which):
+    taken = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        config = tmp_path / "line.yaml"
+        other = "api" if which == "metrics" else "metrics"
+        config.write_text(
+            LINE.replace("api: {port: 0}", f"{which}: {{port: {port}}}\n{other}: {{port: 0}}")
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "linectl.cli",
+            "run",
+            str(config),
+            "--db",
+            f"sqlite:///{tmp_path / 'trace.sqlite3'}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            _, err = await proc.communicate()
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    name = "metrics" if which == "metrics" else "operator api"
+    assert proc.returncode == 1, err
+    assert err.decode().strip().splitlines() == [
+        f"linectl run: {name}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

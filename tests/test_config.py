@@ -304,3 +304,35 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
         f"{path}:5: stations.s: key 's' is given twice (lines 4 and 5); YAML would keep only "
         "the last"
     )
+
+
+@pytest.mark.parametrize(
+    ("metrics", "api", "clash"),
+    [
+        ("{port: 9500}", "{port: 9500}", True),
+        ("{host: localhost, port: 9500}", "{port: 9500}", True),
+        ("{host: 0.0.0.0, port: 9500}", "{host: 127.0.0.2, port: 9500}", True),
+        ("{port: 9500}", "{port: 9501}", False),
+        ("{host: 127.0.0.2, port: 9500}", "{port: 9500}", False),
+        ("{port: 0}", "{port: 0}", False),  # each picks a free port
+    ],
+)
+def test_metrics_and_api_on_one_port_and_address_is_a_config_error(tmp_path, metrics, api, clash):
+    text = BASE + f"metrics: {metrics}\napi: {api}\n"
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    if not clash:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:23: api.port: port 9500 is also metrics.port on "
+        f"{load_host(metrics)}; give the operator API and the metrics endpoint different ports"
+    ]
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code != 0 and "api.port: port 9500 is also metrics.port" in result.output
+
+
+def load_host(endpoint: str) -> str:
+    return endpoint.split("host: ")[1].split(",")[0] if "host:" in endpoint else "127.0.0.1"

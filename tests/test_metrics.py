@@ -36,7 +36,7 @@ DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
 async def scrape(port: int) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
         async with asyncio.timeout(5):
             reply = await reader.read()

@@ -35,7 +35,9 @@ async def http(url: str, method: str, path: str, body: Any = None) -> tuple[int,
     data = (
         None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     )
-    request = urllib.request.Request(url + path, data=data, method=method)
+    request = urllib.request.Request(
+        url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
 
     def send() -> tuple[int, dict[str, Any]]:
         try:

@@ -1,0 +1,332 @@
+"""linectl.endpoints: routing, JSON errors, and every limit and cross-site rule, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from linectl.config import parse_config
+from linectl.endpoints import (
+    Body,
+    Endpoint,
+    HttpError,
+    Limits,
+    json_response,
+    json_too_deep,
+    make_app,
+    read_body,
+    read_json,
+)
+from tests.helpers import eventually
+
+LIMITS = Limits(
+    max_connections=8, header_timeout_s=0.5, body_timeout_s=0.5, max_body=1024, max_json_depth=8
+)
+
+
+async def raw(port: int, data: bytes, *, within: float = 5) -> tuple[int, bytes]:
+    """Send ``data`` as is and return (status, body) of the reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(within):
+            reply = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def request(
+    method: str, path: str, body: bytes = b"", *, host: str = "127.0.0.1", **headers: str
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def post(path: str, body: bytes, host: str = "127.0.0.1", **headers: str) -> bytes:
+    return request("POST", path, body, host=host, Content_Type="application/json", **headers)
+
+
+class Switch(Body):
+    on: bool
+    name: str = "x"
+
+
+@pytest.fixture
+async def server():
+    calls: list[object] = []
+    release = asyncio.Event()
+
+    async def echo(request: web.Request) -> web.Response:
+        args = await read_json(request)
+        calls.append(args)
+        if "fail" in args:
+            raise HttpError(409, f"asked to fail: {args['fail']}")
+        return json_response({"got": args, "query": dict(request.query)})
+
+    async def switch(request: web.Request) -> web.Response:
+        body = await read_body(request, Switch)
+        calls.append(body)
+        return json_response({"on": body.on})
+
+    async def text(_request: web.Request) -> web.Response:
+        return web.Response(body=b"plain\n", headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def slow(_request: web.Request) -> web.Response:
+        calls.append("slow")
+        await release.wait()
+        return json_response({})
+
+    app = make_app(LIMITS)
+    app.router.add_post("/echo", echo)
+    app.router.add_post("/switch", switch)
+    app.router.add_get("/text", text)
+    app.router.add_get("/slow", slow)
+    async with Endpoint(app, "127.0.0.1", 0, name="test") as srv:
+        srv.calls = calls
+        srv.release = release
+        yield srv
+        release.set()
+
+
+async def test_a_handler_gets_the_json_body_and_query_and_its_reply_is_sent(server):
+    status, body = await raw(server.port, post("/echo?x=1", b'{"a": 2}'))
+    assert status == 200
+    assert json.loads(body) == {"got": {"a": 2}, "query": {"x": "1"}}
+
+
+async def test_a_handler_can_answer_any_content_type(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request("GET", "/text"))
+    reply = await reader.read()  # one request per connection: the server closes it
+    writer.close()
+    assert b"Content-Type: text/plain; version=0.0.4" in reply
+    assert reply.endswith(b"\r\n\r\nplain\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "says"),
+    [
+        (request("GET", "/nowhere"), 404, b"no route GET /nowhere"),
+        (request("GET", "/echo"), 405, b"use POST"),
+        (post("/echo", b"{nope"), 400, b"POST /echo: body is not JSON"),
+        (post("/echo", b"[1]"), 400, b"body must be a JSON object"),
+        (post("/echo", b'{"fail": 1}'), 409, b"asked to fail: 1"),
+        (post("/echo", b"x" * 2000), 413, b"body larger than 1024 bytes"),
+        (post("/echo", b"[" * 1000), 400, b"nested more than 8 levels deep"),
+        (post("/echo", b'{"a":' * 100 + b"1" + b"}" * 100), 400, b"more than 8 levels"),
+        (post("/switch", b'{"on": "false"}'), 400, b"'on': input should be a valid boolean"),
+        (post("/switch", b'{"on": 1}'), 400, b"'on': input should be a valid boolean"),
+        (post("/switch", b"{}"), 400, b"'on' is required"),
+        (post("/switch", b'{"on": true, "of": 1}'), 400, b"'of': unknown key"),
+        (request("POST", "/echo", b"{}", Content_Type="text/plain"), 415, b"application/json"),
+        (request("POST", "/echo", b"{}"), 415, b"must be application/json"),
+    ],
+)
+async def test_a_bad_request_gets_a_json_error_naming_the_problem(server, data, status, says):
+    got, body = await raw(server.port, data)
+    assert (got, says in body) == (status, True), body
+    assert set(json.loads(body)) <= {"error", "routes"}  # a JSON error, never a traceback
+
+
+async def test_strict_types_reach_the_handler_only_when_right(server):
+    status, body = await raw(server.port, post("/switch", b'{"on": false}'))
+    assert (status, json.loads(body)) == (200, {"on": False})
+    assert server.calls == [Switch(on=False)]
+
+
+async def test_a_request_that_is_not_http_is_answered_400_without_a_traceback(server, caplog):
+    status, _ = await raw(server.port, b"nonsense\r\n\r\n")
+    assert status == 400
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_json_depth_skips_brackets_inside_strings():
+    assert not json_too_deep(b'{"a": "[[[[[[[[[[[[[[[[[["}', 2)
+    assert not json_too_deep(b'{"a": "\\"[[[[[[[[[[["}', 2)
+    assert json_too_deep(b'{"a": [[1]]}', 2)
+    assert not json_too_deep(b'{"a": [1]}', 2)
+
+
+# --- Host and Origin ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("127.0.0.1:{port}", 200),
+        ("localhost:{port}", 200),
+        ("LOCALHOST.", 200),
+        ("evil.example:{port}", 421),  # a name rebound to 127.0.0.1 still says its own name
+        ("10.0.0.1", 421),
+    ],
+)
+async def test_the_host_header_must_name_the_bound_address(server, host, status):
+    got, body = await raw(server.port, request("GET", "/text", host=host.format(port=server.port)))
+    assert got == status, body
+    if status == 421:
+        assert b"is not this endpoint" in body
+
+
+async def test_a_name_in_allowed_hosts_is_accepted():
+    app = make_app(LIMITS)
+    app.router.add_get("/", _ok)
+    async with Endpoint(app, "127.0.0.1", 0, allowed_hosts=("line-7.plant",)) as srv:
+        assert (await raw(srv.port, request("GET", "/", host="Line-7.Plant:80")))[0] == 200
+        assert (await raw(srv.port, request("GET", "/", host="line-8.plant")))[0] == 421
+
+
+async def _ok(_request: web.Request) -> web.Response:
+    return json_response({})
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),  # not a browser
+        ({"Origin": "http://127.0.0.1:{port}"}, 200),  # the page served by this endpoint
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "http://127.0.0.1:1"}, 403),  # another local service's page
+        ({"Origin": "null"}, 403),  # a sandboxed frame or a file: page
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ],
+)
+async def test_a_state_changing_request_with_a_foreign_origin_is_refused(server, headers, status):
+    headers = {k: v.format(port=server.port) for k, v in headers.items()}
+    data = post("/echo", b'{"a": 1}', host=f"127.0.0.1:{server.port}", **headers)
+    got, body = await raw(server.port, data)
+    assert got == status, body
+    assert (server.calls == [{"a": 1}]) == (status == 200)
+
+
+async def test_a_cross_site_form_post_never_reaches_the_handler(server):
+    """What a web page can send without a CORS preflight: text/plain, a foreign Origin."""
+    data = request(
+        "POST", "/echo", b'{"a": 1}', Content_Type="text/plain", Origin="http://evil.example"
+    )
+    assert (await raw(server.port, data))[0] == 415
+    assert server.calls == []
+
+
+async def test_with_a_token_a_post_needs_it_and_a_get_does_not():
+    app = make_app(LIMITS, token="s3cret")
+    app.router.add_post("/go", _ok)
+    app.router.add_get("/look", _ok)
+    async with Endpoint(app) as srv:
+        assert (await raw(srv.port, post("/go", b"{}")))[0] == 401
+        assert (await raw(srv.port, post("/go", b"{}", Authorization="Bearer nope")))[0] == 401
+        assert (await raw(srv.port, post("/go", b"{}", Authorization="Bearer s3cret")))[0] == 200
+        assert (await raw(srv.port, request("GET", "/look")))[0] == 200
+
+
+# --- slow clients and many connections -------------------------------------------------------
+
+
+async def test_a_request_head_not_complete_in_time_is_closed(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /text HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never finish it
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert server.statistics().timed_out == 1
+
+
+async def test_a_body_not_complete_in_time_is_a_408(server):
+    data = post("/echo", b'{"a"').replace(b"Content-Length: 4", b"Content-Length: 40")
+    status, body = await raw(server.port, data)
+    assert status == 408 and b"body not received within 0.5 s" in body
+
+
+async def test_300_slow_connections_neither_starve_a_request_nor_flood_the_log(server, caplog):
+    """Idle connections beyond the limit close the oldest idle ones: a real request still gets
+    its answer, the log says so once, and the counters have the rest."""
+    caplog.set_level(logging.INFO)
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(await asyncio.open_connection("127.0.0.1", server.port))
+        status, _ = await raw(server.port, request("GET", "/text"))
+        assert status == 200
+        stats = server.statistics()
+        assert stats.connections <= LIMITS.max_connections
+        assert stats.evicted >= 300 - LIMITS.max_connections
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await eventually(lambda: server.connection_count == 0, what="the idle connections closed")
+    mine = [r for r in caplog.records if r.name == "linectl.endpoints"]
+    assert 1 <= len(mine) <= 2, [r.getMessage() for r in mine]  # full; back under the limit
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_when_every_connection_is_busy_a_new_one_gets_503(server):
+    busy = [
+        asyncio.create_task(raw(server.port, request("GET", "/slow")))
+        for _ in range(LIMITS.max_connections)
+    ]
+    try:
+        await eventually(
+            lambda: server.calls.count("slow") == LIMITS.max_connections, what="every slot busy"
+        )
+        status, body = await raw(server.port, request("GET", "/text"))
+        assert status == 503 and b"too many connections" in body
+        assert server.statistics().refused == 1
+    finally:
+        server.release.set()
+        assert [s for s, _ in await asyncio.gather(*busy)] == [200] * LIMITS.max_connections
+
+
+async def test_stop_ends_open_connections_and_frees_the_port(server):
+    port = server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /text HTTP/1.1\r\n")  # and never finish the request
+        await writer.drain()
+        await eventually(lambda: server.connection_count == 1, what="the request being read")
+        await server.stop()
+        try:
+            assert await reader.read() == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        writer.close()
+    app = make_app(LIMITS)
+    async with Endpoint(app, port=port) as again:
+        assert again.port == port
+        assert again.url == f"http://127.0.0.1:{port}"
+
+
+async def test_a_taken_port_is_one_oserror_naming_the_endpoint(server):
+    with pytest.raises(OSError, match=rf"^metrics: cannot listen on 127.0.0.1:{server.port}: "):
+        await Endpoint(make_app(), port=server.port, name="metrics").start()
+
+
+def test_the_example_in_docs_security_md_is_a_valid_config():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    section = doc.split("\n## The HTTP endpoints\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"\n\n((?:    .*\n)+)", section)
+    line = parse_config(LINE_TEXT + textwrap.dedent(block), "docs/security.md")
+    assert line.metrics.allowed_hosts == ("line-7.plant",)
+    assert (line.metrics.port, line.api.port) == (9464, 9465)
+
+
+LINE_TEXT = """\
+line: doc
+plcs: {p: {protocol: modbus, host: 127.0.0.1}}
+stations: {s: {plc: p, address: 0, cycle_s: 1}}
+flow: [s]
+"""

@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from linectl.analysis import Analysis, analyze, route_label
 from linectl.config import Line, RouteStep, flow_stations, walk
 from linectl.journal import Journal
+from linectl.linestate import Condition
 
 # A station counts as saturated within this much utilization of the busiest one.
 NEAR_SATURATED = 0.05
@@ -67,6 +69,10 @@ class Measured:
     wall_s: float
     cpu_share: float  # this process's CPU / wall over the steady window (1.0 = one core)
     cpu_us_per_step: float  # this process's CPU per station cycle over the steady window
+    blocked: dict[str, float] = field(default_factory=dict)  # share of the steady window
+    starved: dict[str, float] = field(default_factory=dict)
+    mean_wip: float = math.nan  # units in the line, time-averaged over the steady window
+    quarantined: int = 0  # units quarantined during the run (released back ones too)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,12 +82,21 @@ class Measured:
             "lead_time_p95_s": self.lead_time_p95_s,
             "makespan_s": self.makespan_s,
             "bottleneck": self.bottleneck,
-            "stations": {n: {"utilization": u} for n, u in self.utilization.items()},
+            "stations": {
+                n: {
+                    "utilization": u,
+                    "blocked": self.blocked.get(n, math.nan),
+                    "starved": self.starved.get(n, math.nan),
+                }
+                for n, u in self.utilization.items()
+            },
             "handover_p50_ms": self.handover_p50_ms,
             "handover_p99_ms": self.handover_p99_ms,
             "wall_s": self.wall_s,
             "cpu_share": self.cpu_share,
             "cpu_us_per_step": self.cpu_us_per_step,
+            "mean_wip": self.mean_wip,
+            "quarantined": self.quarantined,
         }
 
 
@@ -167,32 +182,125 @@ def observed_bottleneck(line: Line, utilization: dict[str, float]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
-    """The supervisor's clock, busy slot-seconds and cycles per station, and process CPU."""
+    """The supervisor's clock; per station busy slot-seconds and seconds blocked and starved;
+    cycles; process CPU; and the line's work in process integrated over time."""
 
     elapsed: float
     busy: dict[str, float]
+    blocked: dict[str, float]
+    starved: dict[str, float]
     cycles: int
     cpu: float
+    wip_area: float
 
 
-@dataclass
-class _Window:
-    """The marks at the start and end of the steady window."""
+class Recorder:
+    """Watches a running supervisor through its ``on_event`` hook (called at every change):
+    marks the steady window's ends (see the module docstring), integrates WIP over time and
+    keeps every finish, in line seconds since the supervisor started.
 
-    skip: int
-    start: _Mark | None = None
-    end: _Mark | None = None
-    released_all: bool = False
-    count: int = 0
+    ``units`` is how many units the run releases; None when it ends at a time instead (the
+    window then ends with the run)."""
+
+    def __init__(
+        self,
+        sup: Any,
+        skip: int,
+        units: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sup = sup
+        self.skip = skip
+        self.units = units
+        self.on_progress = on_progress
+        self.start: _Mark | None = None
+        self.end: _Mark | None = None
+        self.finish_times: list[float] = []
+        self.lead_times: list[float] = []
+        self.wip_area = 0.0
+        self._wip = 0
+        self._wip_at: float | None = None
+        sup.on_event = self
+
+    def __call__(self) -> None:
+        sup = self.sup
+        now = sup.now()
+        if self._wip_at is not None:
+            self.wip_area += self._wip * (now - self._wip_at)
+        self._wip, self._wip_at = len(sup.units), now
+        new = sup.finished - len(self.finish_times)
+        if new > 0:
+            # The newest finishes are at the right end of the supervisor's bounded records.
+            self.finish_times += list(itertools.islice(reversed(sup.finish_times), new))[::-1]
+            self.lead_times += list(itertools.islice(reversed(sup.lead_times), new))[::-1]
+            if self.on_progress is not None:
+                self.on_progress(sup.finished)
+        if self.start is None and sup.finished >= max(self.skip, 1):
+            self.start = self.mark()
+        if self.end is None and self.units is not None and sup.released >= self.units:
+            self.end = self.mark() if self.start is not None else None
+            self.units = None  # released all: the window's end is fixed (or the run's end)
+
+    def mark(self) -> _Mark:
+        stats = self.sup.statistics()
+        elapsed = stats.elapsed_s
+        return _Mark(
+            elapsed,
+            {n: s.utilization * s.capacity * elapsed for n, s in stats.stations.items()},
+            {n: s.seconds[Condition.BLOCKED] for n, s in stats.stations.items()},
+            {n: s.seconds[Condition.STARVED] for n, s in stats.stations.items()},
+            sum(s.cycles for s in stats.stations.values()),
+            time.process_time(),
+            self.wip_area + self._wip * (self.sup.now() - (self._wip_at or self.sup.now())),
+        )
 
 
-def _mark(sup: Any) -> _Mark:
-    stats = sup.statistics()
-    return _Mark(
-        stats.elapsed_s,
-        {n: s.utilization * s.capacity * stats.elapsed_s for n, s in stats.stations.items()},
-        sum(s.cycles for s in stats.stations.values()),
-        time.process_time(),
+def figures(line: Line, rec: Recorder, final: _Mark, *, wall_s: float) -> Measured:
+    """The measured figures of a finished run (module docstring), in config seconds."""
+    stats = rec.sup.statistics()
+    scale = line.time_scale
+    finished = len(rec.finish_times)
+    if finished == 0:
+        raise RuntimeError(f"line '{line.line}': no unit finished")
+    first_release = min(f - lead for f, lead in zip(rec.finish_times, rec.lead_times, strict=True))
+    finish = tuple(sorted((t - first_release) / scale for t in rec.finish_times))
+    skip = max(0, min(rec.skip, finished - 3))
+    interval = fitted_interval(finish, skip) if finished - skip >= 2 else math.nan
+    start = rec.start or final
+    end = rec.end if rec.end is not None and rec.end.elapsed > start.elapsed else final
+    span = end.elapsed - start.elapsed
+
+    def share(of: Callable[[_Mark], dict[str, float]], per_slot: bool = False) -> dict[str, float]:
+        return {
+            n: (of(end)[n] - of(start)[n]) / ((line.stations[n].capacity if per_slot else 1) * span)
+            if span > 0
+            else 0.0
+            for n in line.stations
+        }
+
+    utilization = share(lambda m: m.busy, per_slot=True)
+    steps = end.cycles - start.cycles
+    leads = [t / scale for t in rec.lead_times]
+    handovers = list(stats.handovers)
+    return Measured(
+        units=finished,
+        interval_s=interval,
+        throughput_per_h=3600 / interval,
+        lead_time_p50_s=percentile(leads, 0.5),
+        lead_time_p95_s=percentile(leads, 0.95),
+        makespan_s=finish[-1],
+        bottleneck=observed_bottleneck(line, utilization),
+        utilization=utilization,
+        finish_times_s=finish,
+        handover_p50_ms=percentile(handovers, 0.5) * 1000,
+        handover_p99_ms=percentile(handovers, 0.99) * 1000,
+        wall_s=wall_s,
+        cpu_share=(end.cpu - start.cpu) / span if span > 0 else math.nan,
+        cpu_us_per_step=(end.cpu - start.cpu) / steps * 1e6 if steps else math.nan,
+        blocked=share(lambda m: m.blocked),
+        starved=share(lambda m: m.starved),
+        mean_wip=(end.wip_area - start.wip_area) / span if span > 0 else math.nan,
+        quarantined=stats.quarantined_total,
     )
 
 
@@ -230,7 +338,6 @@ async def measure(
     predicted = analyze(line, units)
     if deadline_s is None:
         deadline_s = predicted.makespan_s * line.time_scale * DEADLINE_FACTOR + DEADLINE_SLACK_S
-    window = _Window(skip=skip_count(units, predicted))
     loop = asyncio.get_running_loop()
     with contextlib.ExitStack() as stack:
         if db_dir is None:
@@ -245,20 +352,7 @@ async def measure(
             stores = await TraceStore.open(url, line.line) if durable else contextlib.nullcontext()
             async with stores as store:
                 sup = Supervisor(sim.line, journal=Journal(store), exit_when_done=True)
-
-                def on_event() -> None:
-                    # Called by the supervisor at every change: mark the steady window's ends.
-                    if window.start is None and sup.finished >= max(window.skip, 1):
-                        window.start = _mark(sup)
-                    if not window.released_all and sup.released >= units:
-                        window.released_all = True
-                        if window.start is not None:
-                            window.end = _mark(sup)
-                    if on_progress is not None and sup.finished != window.count:
-                        window.count = sup.finished
-                        on_progress(sup.finished)
-
-                sup.on_event = on_event
+                rec = Recorder(sup, skip_count(units, predicted), units, on_progress)
                 started = loop.time()
                 try:
                     async with asyncio.timeout(deadline_s):
@@ -269,44 +363,13 @@ async def measure(
                         f"the {deadline_s:.0f} s deadline"
                     ) from None
                 wall = loop.time() - started
-                final = _mark(sup)
-                stats = sup.statistics()
-    if stats.finished < units:
+                final = rec.mark()
+    if sup.finished < units:
         raise RuntimeError(
-            f"line '{line.line}': only {stats.finished} of {units} units finished "
-            f"({stats.quarantined} quarantined)"
+            f"line '{line.line}': only {sup.finished} of {units} units finished "
+            f"({len(sup.quarantined)} quarantined)"
         )
-    scale = line.time_scale
-    releases = [f - lead for f, lead in zip(stats.finish_times, stats.lead_times, strict=True)]
-    first_release = min(releases)
-    finish = tuple(sorted((t - first_release) / scale for t in stats.finish_times))
-    interval = fitted_interval(finish, window.skip)
-    start = window.start or final
-    end = window.end if window.end is not None and window.end.elapsed > start.elapsed else final
-    span = end.elapsed - start.elapsed
-    utilization = {
-        n: (end.busy[n] - start.busy[n]) / (line.stations[n].capacity * span) if span > 0 else 0.0
-        for n in line.stations
-    }
-    steps = end.cycles - start.cycles
-    leads = [t / scale for t in stats.lead_times]
-    handovers = list(stats.handovers)
-    return Measured(
-        units=units,
-        interval_s=interval,
-        throughput_per_h=3600 / interval,
-        lead_time_p50_s=percentile(leads, 0.5),
-        lead_time_p95_s=percentile(leads, 0.95),
-        makespan_s=finish[-1],
-        bottleneck=observed_bottleneck(line, utilization),
-        utilization=utilization,
-        finish_times_s=finish,
-        handover_p50_ms=percentile(handovers, 0.5) * 1000,
-        handover_p99_ms=percentile(handovers, 0.99) * 1000,
-        wall_s=wall,
-        cpu_share=(end.cpu - start.cpu) / span if span > 0 else math.nan,
-        cpu_us_per_step=(end.cpu - start.cpu) / steps * 1e6 if steps else math.nan,
-    )
+    return figures(line, rec, final, wall_s=wall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,67 +417,106 @@ def _s(x: float) -> str:
     return f"{x:,.1f} s" if x < 100 else f"{x:,.0f} s"
 
 
+def _f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}" if x == int(x) else f"{x:,.1f}"
+
+
+def cell(fmt: Callable[[Any], str], value: Any) -> str:
+    """A table cell; "-" for a figure the line does not have (or that could not be measured)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return fmt(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One row of a predicted-beside-measured table: how to read the figure from a run and from
+    ``analyze`` (None: nothing predicted), and how to print it. ``relative`` rows add the
+    measured value's error against the predicted one."""
+
+    label: str
+    measured: Callable[[Measured], Any]
+    fmt: Callable[[Any], str]
+    predicted: Callable[[Analysis], Any] | None = None
+    relative: bool = False
+
+
+def figure_rows(stations: Sequence[str]) -> list[Figure | str]:
+    """The measured figures in the order tables print them; a string is a heading row. A
+    station a line does not have reads as None."""
+
+    def per_station(of: Callable[[Measured], dict[str, float]], name: str) -> Callable:
+        return lambda m: of(m).get(name)
+
+    rows: list[Figure | str] = [
+        Figure("interval", lambda m: m.interval_s, _s, lambda p: p.interval_s, relative=True),
+        Figure("throughput / h", lambda m: m.throughput_per_h, _f2, lambda p: p.throughput_per_h),
+        Figure("lead time p50", lambda m: m.lead_time_p50_s, _s, lambda p: p.lead_time_s),
+        Figure("lead time p95", lambda m: m.lead_time_p95_s, _s, lambda p: p.lead_time_s),
+        Figure("makespan", lambda m: m.makespan_s, _s, lambda p: p.makespan_s),
+        Figure("bottleneck", lambda m: m.bottleneck, str, lambda p: p.bottleneck),
+        Figure("units finished", lambda m: m.units, _n, lambda p: p.units),
+        Figure(
+            "units quarantined",
+            lambda m: m.quarantined,
+            _n,
+            lambda p: p.units * (1 - p.first_pass_yield),
+        ),
+        Figure("mean WIP", lambda m: m.mean_wip, _f2),
+    ]
+    for heading, of in (
+        ("utilization", lambda m: m.utilization),
+        ("blocked", lambda m: m.blocked),
+        ("starved", lambda m: m.starved),
+    ):
+        rows.append(heading)
+        for name in stations:
+            predicted = None
+            if heading == "utilization":
+
+                def predicted(p: Analysis, n: str = name) -> float | None:
+                    return p.stations[n].utilization if n in p.stations else None
+
+            rows.append(Figure(f"  {name}", per_station(of, name), _pct, predicted))
+    return rows
+
+
 def comparison_rows(results: Sequence[Comparison]) -> list[tuple[str, list[str]]]:
     """One row per figure; per config two cells, predicted then measured."""
-
-    def pair(get_p: Callable[[Comparison], str], get_m: Callable[[Comparison], str]) -> list[str]:
-        return [cell for r in results for cell in (get_p(r), get_m(r))]
-
-    rows = [
-        (
-            "interval",
-            pair(
-                lambda r: _s(r.predicted.interval_s),
-                lambda r: f"{_s(r.measured.interval_s)} ({r.interval_error:+.1%})",
-            ),
-        ),
-        (
-            "throughput / h",
-            pair(
-                lambda r: f"{r.predicted.throughput_per_h:.2f}",
-                lambda r: f"{r.measured.throughput_per_h:.2f}",
-            ),
-        ),
-        (
-            "lead time p50",
-            pair(lambda r: _s(r.predicted.lead_time_s), lambda r: _s(r.measured.lead_time_p50_s)),
-        ),
-        (
-            "lead time p95",
-            pair(lambda r: _s(r.predicted.lead_time_s), lambda r: _s(r.measured.lead_time_p95_s)),
-        ),
-        (
-            "makespan",
-            pair(lambda r: _s(r.predicted.makespan_s), lambda r: _s(r.measured.makespan_s)),
-        ),
-        ("bottleneck", pair(lambda r: r.predicted.bottleneck, lambda r: r.measured.bottleneck)),
-        ("utilization", ["" for _ in results for _ in (0, 1)]),
-    ]
     names = list(dict.fromkeys(n for r in results for n in r.line.stations))
-    for name in names:
-        rows.append(
-            (
-                f"  {name}",
-                pair(
-                    lambda r, n=name: (
-                        _pct(r.predicted.stations[n].utilization) if n in r.line.stations else "-"
-                    ),
-                    lambda r, n=name: (
-                        _pct(r.measured.utilization[n]) if n in r.line.stations else "-"
-                    ),
-                ),
-            )
-        )
+    rows: list[tuple[str, list[str]]] = []
+    for fig in figure_rows(names):
+        if isinstance(fig, str):
+            rows.append((fig, ["" for _ in results for _ in (0, 1)]))
+            continue
+        cells = []
+        for r in results:
+            cells.append(cell(fig.fmt, fig.predicted(r.predicted)) if fig.predicted else "")
+            measured = cell(fig.fmt, fig.measured(r.measured))
+            if fig.relative:
+                measured += f" ({r.interval_error:+.1%})"
+            cells.append(measured)
+        rows.append((fig.label, cells))
     rows.append(
         (
             "done → next START p50 / p99",
-            pair(
-                lambda r: "",
-                lambda r: f"{r.measured.handover_p50_ms:.1f} / {r.measured.handover_p99_ms:.1f} ms",
-            ),
+            [
+                c
+                for r in results
+                for c in (
+                    "",
+                    f"{r.measured.handover_p50_ms:.1f} / {r.measured.handover_p99_ms:.1f} ms",
+                )
+            ],
         )
     )
-    rows.append(("wall time", pair(lambda r: "", lambda r: f"{r.measured.wall_s:.1f} s")))
+    rows.append(("wall time", [c for r in results for c in ("", f"{r.measured.wall_s:.1f} s")]))
     return rows
 
 

@@ -218,11 +218,15 @@ class Recorder:
         self.finish_times: list[float] = []
         self.lead_times: list[float] = []
         self.wip_area = 0.0
+        self.final: _Mark | None = None
+        self.stats: Any = None  # the supervisor's statistics at close()
         self._wip = 0
         self._wip_at: float | None = None
         sup.on_event = self
 
     def __call__(self) -> None:
+        if self.final is not None:
+            return
         sup = self.sup
         now = sup.now()
         if self._wip_at is not None:
@@ -241,6 +245,13 @@ class Recorder:
             self.end = self.mark() if self.start is not None else None
             self.units = None  # released all: the window's end is fixed (or the run's end)
 
+    def close(self) -> None:
+        """Take the final mark now; record nothing after (a run cut at a time drains on)."""
+        if self.final is None:
+            self()
+            self.final = self.mark()
+            self.stats = self.sup.statistics()
+
     def mark(self) -> _Mark:
         stats = self.sup.statistics()
         elapsed = stats.elapsed_s
@@ -255,9 +266,10 @@ class Recorder:
         )
 
 
-def figures(line: Line, rec: Recorder, final: _Mark, *, wall_s: float) -> Measured:
-    """The measured figures of a finished run (module docstring), in config seconds."""
-    stats = rec.sup.statistics()
+def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
+    """The measured figures of a closed run (module docstring), in config seconds."""
+    final, stats = rec.final, rec.stats
+    assert final is not None, "close() the recorder first"
     scale = line.time_scale
     finished = len(rec.finish_times)
     if finished == 0:
@@ -363,13 +375,13 @@ async def measure(
                         f"the {deadline_s:.0f} s deadline"
                     ) from None
                 wall = loop.time() - started
-                final = rec.mark()
+                rec.close()
     if sup.finished < units:
         raise RuntimeError(
             f"line '{line.line}': only {sup.finished} of {units} units finished "
             f"({len(sup.quarantined)} quarantined)"
         )
-    return figures(line, rec, final, wall_s=wall)
+    return figures(line, rec, wall_s=wall)
 
 
 @dataclass(frozen=True, slots=True)

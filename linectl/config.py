@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import itertools
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
@@ -53,8 +54,9 @@ def _check_host(host: str) -> str:
 
 
 class _Model(BaseModel):
-    # A misspelt key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A misspelt key is an error, not a silently ignored setting; .inf and .nan are no numbers
+    # of a line (a cycle of .inf s would pass here and overflow in analyze and run).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Connection(_Model):
@@ -640,11 +642,105 @@ def _check_addresses(cfg: Line) -> list[tuple[str, str]]:
     return problems
 
 
+# Bounds on the YAML itself, checked before anything is built from it: a line config is a few
+# KiB, so these only stop hostile or broken input (an alias "bomb" expands 817 bytes into
+# billions of nodes; 3,000 nested lists exhaust Python's recursion).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_DEPTH = 64  # nesting of lists and mappings, aliases expanded
+MAX_NODES = 100_000  # scalars, lists and mappings, aliases expanded
+
+
+def _at(source: str, mark: yaml.Mark | None) -> str:
+    return f"{source}:{mark.line + 1}" if mark is not None else source
+
+
+def _check_events(text: str, source: str) -> None:
+    """Nesting depth, from the parser's events (the parser keeps a stack of its own; the
+    composer that runs after it recurses once per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(
+                    [f"{_at(source, event.start_mark)}: nested more than {MAX_DEPTH} levels deep"]
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+MAX_NUMBER = 1e12  # 31,700 years in seconds; beyond it analyze's arithmetic overflows
+
+
+def _floats(value: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """Every float of a validated config with its path (ints are exact, and a seed may be
+    large). Walks the models, so "1e308" (a string in YAML 1.1, a float to pydantic) counts."""
+    if isinstance(value, float):
+        yield path, value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _floats(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floats(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _floats(item, f"{path}[{i}]")
+
+
+def _check_graph(root: yaml.Node, source: str) -> None:
+    """The document with its aliases expanded: no alias inside what it names, and at most
+    MAX_NODES nodes MAX_DEPTH deep. Each node is visited once, so a bomb costs its size in
+    bytes, not its expansion."""
+    seen: dict[int, tuple[int, int]] = {}  # node -> (nodes, levels) of its expansion
+    open_: set[int] = set()
+
+    def fail(node: yaml.Node, message: str) -> NoReturn:
+        raise ConfigError([f"{_at(source, node.start_mark)}: {message}"])
+
+    def visit(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in open_:
+            fail(node, "an alias refers to a node that contains it")
+        if key not in seen:
+            open_.add(key)
+            if isinstance(node, yaml.SequenceNode):
+                children = [visit(item, depth + 1) for item in node.value]
+            elif isinstance(node, yaml.MappingNode):
+                children = [visit(n, depth + 1) for pair in node.value for n in pair]
+            else:
+                children = []
+            open_.discard(key)
+            seen[key] = (
+                1 + sum(n for n, _ in children),
+                1 + max((levels for _, levels in children), default=0),
+            )
+        nodes, levels = seen[key]
+        if depth + levels > MAX_DEPTH:
+            fail(node, f"nested more than {MAX_DEPTH} levels deep (aliases expanded)")
+        if nodes > MAX_NODES:
+            fail(
+                node,
+                f"expands to more than {MAX_NODES} values (aliases expanded); "
+                "a line config is far smaller",
+            )
+        return nodes, levels
+
+    visit(root, 0)
+
+
 def parse_config(text: str, source: str = "<config>") -> Line:
     """Validate a line config from YAML text. Raises ConfigError listing every problem."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{source}: {len(text)} characters; a config may have at most {MAX_CONFIG_BYTES}"]
+        )
     loader = yaml.SafeLoader(text)
     try:
+        _check_events(text, source)
         node = loader.get_single_node()
+        if node is not None:
+            _check_graph(node, source)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -675,6 +771,14 @@ def parse_config(text: str, source: str = "<config>") -> Line:
                 msg = "required key is missing"
             problems.append(f"{where.at(path)}: {path or '(top)'}: {msg}")
         raise ConfigError(problems) from None
+    bad = [
+        f"{where.at(path)}: {path}: {value} is not a number a line can use; numbers in a "
+        f"config are finite and at most {MAX_NUMBER:g} in size"
+        for path, value in _floats(cfg)
+        if not math.isfinite(value) or abs(value) > MAX_NUMBER
+    ]
+    if bad:
+        raise ConfigError(bad)
     problems = [f"{where.at(path)}: {path}: {msg}" for path, msg in _check_references(cfg)]
     if problems:
         raise ConfigError(problems)
@@ -684,9 +788,24 @@ def parse_config(text: str, source: str = "<config>") -> Line:
 def load_config(path: str | Path) -> Line:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a line config is a few KiB"]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [
+                f"{path}:{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+                f"{exc.start}; save the file as UTF-8"
+            ]
+        ) from None
     return parse_config(text, str(path))
 
 

@@ -336,3 +336,120 @@ def test_metrics_and_api_on_one_port_and_address_is_a_config_error(tmp_path, met
 
 def load_host(endpoint: str) -> str:
     return endpoint.split("host: ")[1].split(",")[0] if "host:" in endpoint else "127.0.0.1"
+
+
+# --- bounded input: hostile or broken YAML is one line, fast, in little memory -------------------
+
+
+def _bomb() -> str:
+    """A "billion laughs": nine levels of nine aliases, 9**9 strings once expanded."""
+    text = 'lol: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]\n"
+    return text
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path):
+    import tracemalloc
+
+    path = tmp_path / "line.yaml"
+    path.write_text(_bomb())
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.problems == [
+        f"{path}:6: expands to more than 100000 values (aliases expanded); "
+        "a line config is far smaller"
+    ]
+    assert peak < 5_000_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["line: &x [*x]\n", "line: t\nplcs: &p\n  cell_a: *p\n", "a: &x {b: [1, {c: *x}]}\n"],
+)
+def test_an_alias_inside_what_it_names_is_refused(tmp_path: Path, text: str):
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert (
+        problem.startswith(f"{path}:") and "an alias refers to a node that contains it" in problem
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "line: " + "[" * 3000 + "]" * 3000 + "\n",
+        "line: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+        "line:\n" + "".join("  " * i + "- \n" for i in range(1, 400)),
+        # shallow as written, 9 x 9 = 81 deep once expanded
+        "a: &a "
+        + "[" * 9
+        + "1"
+        + "]" * 9
+        + "\n"
+        + "".join(
+            f"{n}: &{n} " + "[" * 9 + f"*{p}" + "]" * 9 + "\n"
+            for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        ),
+    ],
+)
+def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path: Path, text: str):
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:") and "nested more than 64 levels deep" in problem
+
+
+def test_a_file_over_a_mebibyte_is_refused(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE + "# " + "x" * (1024 * 1024) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: larger than 1048576 bytes; a line config is a few KiB"]
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line_and_offset(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_bytes(BASE.encode() + "  # café\n".encode("latin-1"))
+    offset = len(BASE.encode()) + len("  # caf")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:22: not UTF-8 text: byte 0xe9 at byte offset {offset}; save the file as UTF-8"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "says"),
+    [
+        ("cycle_s: 10}", "cycle_s: .inf}", "11: stations.a1_solder.cycle_s", "finite number"),
+        ("cycle_s: 5}", "cycle_s: .nan}", "13: stations.test.cycle_s", "finite number"),
+        ("port: 15020", "port: 15020\n    timeout_s: .inf", "7: plcs.cell_a.timeout_s", "finite"),
+        ("  - pack\n", "  - pack\ntime_scale: -.inf\n", "22: time_scale", "finite number"),
+        ("cycle_s: 10}", "cycle_s: 1e308}", "11: stations.a1_solder.cycle_s", "at most 1e+12"),
+        ("cycle_s: 10}", "cycle_s: '1e13'}", "11: stations.a1_solder.cycle_s", "at most 1e+12"),
+    ],
+)
+def test_a_number_that_is_not_finite_or_too_large_is_refused(tmp_path, old, new, where, says):
+    path, found = problems(tmp_path, (old, new))
+    assert len(found) == 1 and found[0].startswith(f"{path}:{where}: ") and says in found[0]
+
+
+def test_analyze_and_run_of_an_infinite_cycle_are_one_line_not_an_overflow(tmp_path: Path):
+    path = tmp_path / "line.yaml"
+    path.write_text(BASE.replace("cycle_s: 10}", "cycle_s: .inf}", 1))
+    for command in (["analyze", str(path)], ["run", str(path)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "stations.a1_solder.cycle_s: Input should be a finite number" in result.output

@@ -374,6 +374,192 @@ class Endpoint(_Model):
         return tuple(_check_host(n) for n in names)
 
 
+# --- northbound: the line's state for SCADA, MES and historians (docs/northbound.md) --------
+
+
+def _topic_level(level: str, what: str) -> str:
+    if not level or level in {"+", "#"} or {"+", "#", "/", "\0"} & set(level):
+        raise ValueError(f"{what} '{level}' must be one MQTT topic level, without + # or /")
+    return level
+
+
+class NorthboundSecret(_Model):
+    """A password kept out of the file: in an environment variable or a file's first line."""
+
+    password_env: str | None = Field(None, description="Environment variable with the password.")
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "a password must not be written in the config; put it in an environment "
+                "variable named by password_env, or in a file named by password_file"
+            )
+        return data
+
+    @field_validator("password_file")
+    @classmethod
+    def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _relative_to_config(path, info)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> NorthboundSecret:
+        if (self.password_env is None) == (self.password_file is None):
+            raise ValueError("give exactly one of password_env or password_file")
+        return self
+
+
+class MqttLogin(NorthboundSecret):
+    user: str = Field(description="User name on the broker.")
+
+
+class UnsTopics(_Model):
+    """The unified namespace: JSON under <topic_prefix>/<line>/..., ISA-95 levels."""
+
+    topic_prefix: str = Field(
+        description="Enterprise/site/area levels before the line, like 'acme/dresden/assembly'."
+    )
+    qos: Literal[0, 1, 2] = 1
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if prefix.startswith("$") or prefix.startswith("spBv1.0"):
+            raise ValueError(f"topic_prefix '{prefix}' may not start with $ or spBv1.0")
+        for level in prefix.split("/"):
+            _topic_level(level, "topic_prefix level")
+        return prefix
+
+
+class SparkplugNode(_Model):
+    """Sparkplug B 3.0: this line is an edge node, each station a device."""
+
+    group_id: str = Field(description="Sparkplug group id.")
+    edge_node_id: str | None = Field(None, description="Edge node id (default: the line's name).")
+
+    @field_validator("group_id", "edge_node_id")
+    @classmethod
+    def _level(cls, level: str | None, info: ValidationInfo) -> str | None:
+        return None if level is None else _topic_level(level, str(info.field_name))
+
+
+class Spool(_Model):
+    """Store and forward: messages kept on disk while the broker is away."""
+
+    dir: Path | None = Field(None, description="Directory (default: <line>.spool/ here).")
+    max_messages: int = Field(100_000, ge=1, le=10_000_000)
+    max_bytes: int = Field(64 << 20, ge=1024, le=4 << 30)
+
+    @field_validator("dir")
+    @classmethod
+    def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _relative_to_config(path, info)
+
+
+class NorthboundMqtt(_Model):
+    """One broker for the unified namespace and Sparkplug B (one connection each)."""
+
+    host: str = Field("127.0.0.1", description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535)
+    timeout_s: float = Field(2.0, gt=0, description="Deadline of one publish.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="Deadline of one connect attempt.")
+    backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay.")
+    backoff_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay.")
+    client_id: str | None = Field(None, description="Base client id (default: linectl-<line>).")
+    login: MqttLogin | None = None
+    keepalive_s: int = Field(10, ge=2, le=3600)
+    queue: int = Field(10_000, ge=1, le=1_000_000, description="Messages held in memory.")
+    uns: UnsTopics | None = None
+    sparkplug: SparkplugNode | None = None
+    spool: Spool = Field(default_factory=Spool)
+
+    _host = field_validator("host")(_check_host)
+
+    @model_validator(mode="after")
+    def _something(self) -> NorthboundMqtt:
+        if self.uns is None and self.sparkplug is None:
+            raise ValueError("give uns, sparkplug or both; without them nothing is published")
+        return self
+
+
+class OpcUaServerUser(NorthboundSecret):
+    role: Literal["viewer", "operator"] = Field(
+        "viewer", description="'operator' may call Pause, Drain and ReleaseQuarantined."
+    )
+
+
+class OpcUaServerSecurity(_Model):
+    certificate: Path = Field(description="The server's application instance certificate.")
+    private_key: Path = Field(description="Its private key (PEM or DER, unencrypted).")
+    trust: Path | list[Path] = Field(description="Client certificates or CAs it accepts.")
+    application_uri: str = Field(description="The URI in the certificate's subjectAltName.")
+    policies: list[
+        Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+    ] = Field(default_factory=lambda: ["Basic256Sha256", "Aes128_Sha256_RsaOaep"], min_length=1)
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+
+    @field_validator("certificate", "private_key")
+    @classmethod
+    def _paths(cls, path: Path, info: ValidationInfo) -> Path:
+        return _relative_to_config(path, info)
+
+    @field_validator("trust")
+    @classmethod
+    def _trust(cls, trust: Path | list[Path], info: ValidationInfo) -> Path | list[Path]:
+        return OpcUaSecurity._trust(trust, info)
+
+    @field_validator("application_uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        return OpcUaSecurity._uri(uri)
+
+
+class NorthboundOpcUa(_Model):
+    """An OPC UA server exposing the line, read-only but for operators' methods."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4841, ge=0, le=65535)
+    path: str = Field("/linectl", pattern=r"^(/[A-Za-z0-9_.-]+)*$")
+    security: OpcUaServerSecurity | None = None
+    users: dict[str, OpcUaServerUser] = Field(default_factory=dict)
+    allow_anonymous: bool = Field(
+        False,
+        description="Also offer a None endpoint with anonymous read-only login (loopback only).",
+    )
+    max_sessions: int = Field(16, ge=1, le=1000)
+
+    _host = field_validator("host")(_check_host)
+
+    @model_validator(mode="after")
+    def _secure(self) -> NorthboundOpcUa:
+        if self.security is None and not self.allow_anonymous:
+            raise ValueError(
+                "needs security (certificate, private_key, trust, application_uri), or "
+                "allow_anonymous: true for a read-only loopback endpoint"
+            )
+        if self.allow_anonymous and not _is_loopback(self.host):
+            raise ValueError(f"allow_anonymous is only allowed on a loopback host, not {self.host}")
+        if self.users and self.security is None:
+            raise ValueError("users need security: a password never travels over a None channel")
+        if self.security is not None and not self.users and not self.allow_anonymous:
+            raise ValueError("no users and no allow_anonymous: nobody could log in")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Northbound(_Model):
+    mqtt: NorthboundMqtt | None = None
+    opcua: NorthboundOpcUa | None = None
+
+
 class Line(_Model):
     line: str = Field(pattern=_NAME, description="Name of the line (metric label, database key).")
     plcs: dict[str, Plc] = Field(min_length=1)
@@ -385,6 +571,7 @@ class Line(_Model):
     metrics: Endpoint = Field(default_factory=lambda: Endpoint(port=9464))
     api: Endpoint = Field(default_factory=lambda: Endpoint(port=9465))
     time_scale: float = Field(1.0, gt=0, description="Wall seconds per config second.")
+    northbound: Northbound | None = Field(None, description="OPC UA server and MQTT for the plant.")
 
     @property
     def storage_url(self) -> str:

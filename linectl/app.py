@@ -27,10 +27,19 @@ async def _endpoints(
     """Start the metrics and operator endpoints that exist; yield where they listen."""
     where: list[str] = []
     async with contextlib.AsyncExitStack() as stack:
+        northbound = None
+        if line.northbound is not None:
+            from linectl.northbound import start_northbound
+
+            northbound = await start_northbound(sup, line)
+            stack.push_async_callback(northbound.stop)
+            where.extend(northbound.where)
         if metrics:
             from linectl.metrics import serve_metrics
 
-            server = await serve_metrics(sup, line, line.metrics.host, line.metrics.port)
+            server = await serve_metrics(
+                sup, line, line.metrics.host, line.metrics.port, northbound=northbound
+            )
             stack.push_async_callback(server.stop)
             where.append(f"metrics http://{line.metrics.host}:{server.port}/metrics")
         if api:

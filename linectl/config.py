@@ -495,9 +495,9 @@ class OpcUaServerSecurity(_Model):
     private_key: Path = Field(description="Its private key (PEM or DER, unencrypted).")
     trust: Path | list[Path] = Field(description="Client certificates or CAs it accepts.")
     application_uri: str = Field(description="The URI in the certificate's subjectAltName.")
-    policies: list[
-        Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
-    ] = Field(default_factory=lambda: ["Basic256Sha256", "Aes128_Sha256_RsaOaep"], min_length=1)
+    policies: list[Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]] = (
+        Field(default_factory=lambda: ["Basic256Sha256", "Aes128_Sha256_RsaOaep"], min_length=1)
+    )
     mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
 
     @field_validator("certificate", "private_key")

@@ -123,9 +123,10 @@ class LineCollector(Collector):
     ``collect`` must run on the supervisor's event loop thread (it reads the loop's clock).
     """
 
-    def __init__(self, supervisor: Any, line: Line) -> None:
+    def __init__(self, supervisor: Any, line: Line, northbound: Any = None) -> None:
         self.supervisor = supervisor
         self.line = line
+        self.northbound = northbound  # linectl.northbound.Northbound, when configured
         self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
 
     def describe(self) -> Iterable[Metric]:
@@ -138,6 +139,8 @@ class LineCollector(Collector):
         yield from self._line(stats)
         yield from self._stations(stats)
         yield from self._plcs(stats.line, drivers)
+        if self.northbound is not None:
+            yield from _northbound(stats.line, self.northbound.statistics())
 
     def _line(self, stats: SupervisorStatistics) -> Iterator[Metric]:
         line, scale, a = stats.line, self.line.time_scale, self.analysis
@@ -332,12 +335,74 @@ def _histogram(
     return m
 
 
+def _northbound(line: str, nb: Any) -> Iterator[Metric]:
+    """The MQTT links and the OPC UA server: outages, queues and store-and-forward bounds."""
+    labels = ["line", "link"]
+    G, C = GaugeMetricFamily, CounterMetricFamily
+    rows = [
+        (G, "connected", "1 while connected to the broker.", lambda s: int(s.connected)),
+        (
+            C,
+            "connect_failures",
+            "Failed connects and lost connections.",
+            lambda s: s.connect_failures,
+        ),
+        (C, "published", "Messages the broker took.", lambda s: s.published),
+        (G, "queued_messages", "Messages waiting (memory and spool).", lambda s: s.queued),
+        (
+            C,
+            "memory_dropped",
+            "Oldest messages dropped from memory while the broker was slow.",
+            lambda s: s.memory_dropped,
+        ),
+        (G, "spool_messages", "Messages spooled on disk.", lambda s: s.spool_messages),
+        (G, "spool_bytes", "Bytes spooled on disk.", lambda s: s.spool_bytes),
+        (
+            G,
+            "spool_max_messages",
+            "The spool's bound, in messages.",
+            lambda s: s.spool_max_messages,
+        ),
+        (G, "spool_max_bytes", "The spool's bound, in bytes.", lambda s: s.spool_max_bytes),
+        (
+            C,
+            "spool_dropped",
+            "Oldest messages dropped past the spool's bound during an outage.",
+            lambda s: s.spool_dropped,
+        ),
+        (C, "events_dropped", "Line events dropped before rendering.", lambda s: s.events_dropped),
+    ]
+    for kind, name, doc, value in rows:
+        m = kind(f"{PREFIX}northbound_mqtt_{name}", doc, labels=labels)
+        for link in nb.links:
+            m.add_metric([line, link.name], float(value(link)))
+        yield m
+    if nb.opcua_up is not None:
+        up = G(PREFIX + "northbound_opcua_up", "1 while the OPC UA server serves.", labels=["line"])
+        up.add_metric([line], int(nb.opcua_up))
+        yield up
+        sessions = G(
+            PREFIX + "northbound_opcua_sessions", "OPC UA client sessions.", labels=["line"]
+        )
+        sessions.add_metric([line], nb.opcua_sessions)
+        yield sessions
+        dropped = C(
+            PREFIX + "northbound_opcua_events_dropped",
+            "Line events the OPC UA server dropped (it fell behind).",
+            labels=["line"],
+        )
+        dropped.add_metric([line], nb.opcua_events_dropped)
+        yield dropped
+
+
 class MetricsServer:
     """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
 
-    def __init__(self, supervisor: Any, line: Line, host: str, port: int) -> None:
+    def __init__(
+        self, supervisor: Any, line: Line, host: str, port: int, northbound: Any = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = LineCollector(supervisor, line)
+        self.collector = LineCollector(supervisor, line, northbound)
         self.registry.register(self.collector)
         self.app = make_app()
         self.app.router.add_get("/metrics", self._metrics)
@@ -374,7 +439,12 @@ class MetricsServer:
 
 
 async def serve_metrics(
-    supervisor: Any, line: Line, host: str | None = None, port: int | None = None
+    supervisor: Any,
+    line: Line,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    northbound: Any = None,
 ) -> MetricsServer:
     """Start serving ``GET /metrics`` on ``line.metrics`` (or ``host``/``port``; port 0 picks a
     free one, see ``.port``). ``await server.stop()`` ends it."""
@@ -383,6 +453,7 @@ async def serve_metrics(
         line,
         line.metrics.host if host is None else host,
         line.metrics.port if port is None else port,
+        northbound,
     )
     await server.start()
     return server

@@ -15,6 +15,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger("linectl.northbound")
 
@@ -47,8 +48,9 @@ class Spool:
     Past ``max_messages`` or ``max_bytes`` the oldest record is dropped (and counted): the
     newest state is what a SCADA needs most after an outage. A record is written to the file
     when appended (no fsync: it survives the controller, not the machine); the file is emptied
-    once every record is forwarded, and rewritten when mostly forwarded. Records in the file
-    at start (the controller stopped during an outage) are forwarded first.
+    once every record is forwarded, rewritten when mostly forwarded and on close. Records in
+    the file at start (the controller stopped during an outage) are forwarded first; after a
+    crash, a few already forwarded may be sent again (at least once, never lost).
     """
 
     def __init__(self, path: Path, *, max_messages: int, max_bytes: int) -> None:
@@ -59,9 +61,10 @@ class Spool:
         self.nbytes = 0
         self._records: deque[bytes] = deque()
         self._garbage = 0  # bytes at the head of the file already forwarded or dropped
+        self._file: BinaryIO | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._recover()
-        self._file = open(path, "ab")  # noqa: SIM115 - owned until close()
+        self._file = open(path, "ab")  # owned until close()
 
     def _recover(self) -> None:
         try:
@@ -91,6 +94,7 @@ class Spool:
             return
         self._records.append(record)
         self.nbytes += len(record)
+        assert self._file is not None
         self._file.write(_LENGTH.pack(len(record)) + record)
         self._file.flush()
         while len(self._records) > self.max_messages or self.nbytes > self.max_bytes:
@@ -110,7 +114,7 @@ class Spool:
         self.dropped += 1
 
     def _compact(self) -> None:
-        if not self._records:
+        if not self._records and self._file is not None:
             self._file.truncate(0)
             self._file.seek(0)
             self._garbage = 0
@@ -123,13 +127,18 @@ class Spool:
             for record in self._records:
                 f.write(_LENGTH.pack(len(record)) + record)
         os.replace(tmp, self.path)
-        if hasattr(self, "_file"):
+        if self._file is not None:
             self._file.close()
-            self._file = open(self.path, "ab")  # noqa: SIM115
+            self._file = open(self.path, "ab")
         self._garbage = 0
 
     def close(self) -> None:
-        self._file.close()
+        """Forget forwarded records on disk too; after a crash they would be sent again."""
+        if self._garbage and self._file is not None:
+            self._rewrite()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Outbox:
@@ -175,10 +184,13 @@ class Outbox:
             self._memory.popleft()
 
     async def wait(self) -> None:
-        """Until there is something to send."""
-        while not len(self):
+        """Until there is something to send, or ``wake()`` was called."""
+        if not len(self):
             self._ready.clear()
             await self._ready.wait()
+
+    def wake(self) -> None:
+        self._ready.set()
 
     def go_offline(self) -> None:
         """The broker is gone: what waits in memory goes to disk, in order, behind the spool."""

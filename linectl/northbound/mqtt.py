@@ -1,0 +1,425 @@
+"""MQTT for the plant: the line's state as a unified namespace (JSON, ISA-95 topics) and as a
+Sparkplug B edge node, each on its own connection (a connection has one will: "offline" for
+the namespace, NDEATH for Sparkplug).
+
+Each publisher is fed by its own bounded subscription to the supervisor's events and writes
+into an ``Outbox`` (memory while the broker is up, the disk spool while it is away); one
+``MqttLink`` per connection owns connecting, its backoff, the births after every connect and
+sending the outbox in order. aiomqtt's client never reconnects by itself: the link does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from linectl.config import NorthboundMqtt
+from linectl.drivers.base import Backoff
+from linectl.events import LineChanged, LineEvent, StationChanged, Subscription, UnitChanged
+from linectl.northbound import sparkplug
+from linectl.northbound.spool import Message, Outbox
+from linectl.northbound.view import LineView, line_values, station_values
+
+log = logging.getLogger("linectl.northbound")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatistics:
+    name: str  # uns | sparkplug
+    connected: bool
+    connects: int
+    connect_failures: int
+    published: int
+    queued: int  # messages waiting, memory and spool
+    memory_dropped: int  # dropped from memory: the broker was too slow
+    spool_messages: int
+    spool_bytes: int
+    spool_max_messages: int
+    spool_max_bytes: int
+    spool_dropped: int  # dropped past the spool's bound during an outage
+    events_dropped: int  # events dropped before they were rendered (feed too slow)
+
+
+class Publisher:
+    """What one connection publishes: births after a connect, and its outbox's messages."""
+
+    name = ""
+
+    def __init__(self, view: LineView, outbox: Outbox) -> None:
+        self.view = view
+        self.outbox = outbox
+        self.subscription: Subscription | None = None
+
+    def will(self) -> aiomqtt.Will:
+        raise NotImplementedError
+
+    def on_event(self, event: LineEvent) -> None:
+        raise NotImplementedError
+
+    def births(self) -> list[Message]:
+        """Sent first after every connect, before anything from the outbox."""
+        return []
+
+    def snapshot(self) -> list[Message]:
+        """Queued behind the outbox after every connect (the retained current values)."""
+        return []
+
+    def goodbye(self) -> Message | None:
+        """Sent on a clean stop, where the will would have been on a lost connection."""
+        return None
+
+    def prepare(self, message: Message, delayed: bool) -> bytes:
+        return message.payload
+
+    subscriptions: tuple[str, ...] = ()
+
+    def on_message(self, topic: str, payload: bytes) -> bool:
+        """A message on a subscribed topic; True asks for births again."""
+        return False
+
+    async def feed(self) -> None:
+        """Render the line's events into the outbox, for ever; never waits for the broker."""
+        assert self.subscription is not None
+        while True:
+            event = await self.subscription.get()
+            self.view.apply(event)
+            self.on_event(event)
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), default=str).encode()
+
+
+class UnsPublisher(Publisher):
+    """The unified namespace: ``<topic_prefix>/<line>/...`` JSON, retained where a late
+    subscriber needs the current value (docs/northbound.md lists the topics)."""
+
+    name = "uns"
+
+    def __init__(self, view: LineView, outbox: Outbox, prefix: str, line: str, qos: int) -> None:
+        super().__init__(view, outbox)
+        self.base = f"{prefix}/{line}"
+        self.qos = qos
+        self._last: dict[str, dict[str, Any]] = {}  # topic -> last payload, without time
+
+    def will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(f"{self.base}/status", _json({"online": False}), 1, True)
+
+    def births(self) -> list[Message]:
+        return [Message(f"{self.base}/status", _json({"online": True}), 1, True)]
+
+    def goodbye(self) -> Message:
+        return Message(f"{self.base}/status", _json({"online": False}), 1, True)
+
+    def snapshot(self) -> list[Message]:
+        out = [self._retained(*self._line(self.view.line))]
+        out.append(self._retained(*self._quarantine()))
+        for ev in self.view.stations.values():
+            out.extend(self._retained(*pair) for pair in self._station(ev))
+        return out
+
+    def on_event(self, event: LineEvent) -> None:
+        if isinstance(event, StationChanged):
+            pairs = self._station(event)
+        elif isinstance(event, LineChanged):
+            pairs = [self._line(event)]
+        elif isinstance(event, UnitChanged):
+            data = {
+                "unit_id": event.unit_id,
+                "serial": event.serial,
+                "station": event.station,
+                "reason": event.reason,
+                "at": event.wall.isoformat(),
+            }
+            self.outbox.put(Message(f"{self.base}/units/{event.kind}", _json(data), self.qos))
+            pairs = [self._quarantine()] if "quarantine" in event.kind else []
+        else:
+            pairs = []
+        for topic, data, wall in pairs:
+            if self._last.get(topic) != data:
+                self.outbox.put(self._retained(topic, data, wall))
+
+    def _retained(self, topic: str, data: dict[str, Any], wall: str) -> Message:
+        self._last[topic] = data
+        return Message(topic, _json({**data, "at": wall}), self.qos, True)
+
+    def _line(self, ev: LineChanged) -> tuple[str, dict[str, Any], str]:
+        data = {
+            "released": ev.released,
+            "finished": ev.finished,
+            "quarantined": ev.quarantined,
+            "wip": ev.wip,
+            "paused": ev.paused,
+        }
+        return f"{self.base}/line", data, ev.wall.isoformat()
+
+    def _quarantine(self) -> tuple[str, dict[str, Any], str]:
+        serials = sorted(self.view.quarantined.values())
+        return f"{self.base}/quarantine", {"serials": serials}, self.view.line.wall.isoformat()
+
+    def _station(self, ev: StationChanged) -> list[tuple[str, dict[str, Any], str]]:
+        wall = ev.wall.isoformat()
+        state = {
+            "state": ev.state,
+            "state_name": ev.state_name,
+            "condition": ev.condition,
+            "units": list(ev.units),
+            "load": ev.load,
+            "capacity": ev.capacity,
+            "in_service": ev.in_service,
+            "connected": ev.connected,
+        }
+        counts = {
+            "cycles": ev.cycles,
+            "passed": ev.passed,
+            "rejected": ev.rejected,
+            "faults": ev.faults,
+        }
+        station = f"{self.base}/{ev.station}"
+        return [(f"{station}/state", state, wall), (f"{station}/counts", counts, wall)]
+
+
+class SparkplugPublisher(Publisher):
+    """Sparkplug B: NBIRTH/DBIRTH after every connect, DDATA/NDATA with what changed,
+    NDEATH as the will; a Rebirth command (NCMD) sends the births again."""
+
+    name = "sparkplug"
+
+    def __init__(
+        self, view: LineView, outbox: Outbox, node: sparkplug.EdgeNode, bd_seq_file: Path
+    ) -> None:
+        super().__init__(view, outbox)
+        self.node = node
+        self.bd_seq_file = bd_seq_file
+        self.subscriptions = (sparkplug.topic(node.group, "NCMD", node.node),)
+        self._devices = {name: station_values(ev) for name, ev in view.stations.items()}
+        self._line = line_values(view.line, len(view.quarantined))
+
+    @staticmethod
+    def stored_bd_seq(path: Path) -> int:
+        """The bdSeq the next CONNECT carries, kept across restarts (0 the first time)."""
+        try:
+            return int(path.read_text().strip()) % 256
+        except (OSError, ValueError):
+            return 0
+
+    def will(self) -> aiomqtt.Will:
+        death = self.node.connecting()
+        with contextlib.suppress(OSError):  # the spool's directory; a lost number costs nothing
+            self.bd_seq_file.write_text(f"{self.node.bd_seq}\n")
+        return aiomqtt.Will(sparkplug.topic(self.node.group, "NDEATH", self.node.node), death, 1)
+
+    def births(self) -> list[Message]:
+        return [Message(topic, data) for topic, data in self.node.births(self._line, self._devices)]
+
+    def goodbye(self) -> Message:
+        topic = sparkplug.topic(self.node.group, "NDEATH", self.node.node)
+        return Message(topic, self.node.death(), 1)
+
+    def prepare(self, message: Message, delayed: bool) -> bytes:
+        return self.node.data(message.payload, historical=delayed)
+
+    def on_message(self, topic: str, payload: bytes) -> bool:
+        return sparkplug.rebirth_requested(payload)
+
+    def on_event(self, event: LineEvent) -> None:
+        if isinstance(event, StationChanged):
+            values = station_values(event)
+            last = self._devices.setdefault(event.station, {})
+            changed = {k: v for k, v in values.items() if last.get(k) != v}
+            if changed:
+                last.update(changed)
+                topic = sparkplug.topic(self.node.group, "DDATA", self.node.node, event.station)
+                self._put(topic, changed, event.wall)
+        elif isinstance(event, LineChanged | UnitChanged):
+            values = line_values(self.view.line, len(self.view.quarantined))
+            changed = {k: v for k, v in values.items() if self._line.get(k) != v}
+            if changed:
+                self._line.update(changed)
+                topic = sparkplug.topic(self.node.group, "NDATA", self.node.node)
+                self._put(topic, changed, event.wall)
+
+    def _put(self, topic: str, values: dict[str, Any], wall: Any) -> None:
+        data = sparkplug.payload(values, sparkplug.millis(wall)).SerializeToString()
+        self.outbox.put(Message(topic, data))
+
+
+class MqttLink:
+    """One connection to the broker for one publisher: connect (with its will), births, then
+    the outbox in order; on any failure the outbox goes to the spool and we reconnect with
+    backoff. Failures are logged once per outage, naming the setting to look at."""
+
+    def __init__(
+        self,
+        cfg: NorthboundMqtt,
+        publisher: Publisher,
+        client_id: str,
+        password: str | None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg = cfg
+        self.publisher = publisher
+        self.outbox = publisher.outbox
+        self.client_id = client_id
+        self.password = password
+        self.on_change = on_change
+        self.connected = False
+        self.connects = 0
+        self.connect_failures = 0
+        self.published = 0
+        self._client: aiomqtt.Client | None = None
+        self._rebirth = False
+        self._down_since: float | None = time.monotonic()
+        self._reported = ""
+
+    @property
+    def where(self) -> str:
+        return f"northbound.mqtt ({self.publisher.name}, {self.cfg.host}:{self.cfg.port})"
+
+    def statistics(self) -> LinkStatistics:
+        spool = self.outbox.spool
+        sub = self.publisher.subscription
+        return LinkStatistics(
+            name=self.publisher.name,
+            connected=self.connected,
+            connects=self.connects,
+            connect_failures=self.connect_failures,
+            published=self.published,
+            queued=len(self.outbox),
+            memory_dropped=self.outbox.dropped,
+            spool_messages=len(spool),
+            spool_bytes=spool.nbytes,
+            spool_max_messages=spool.max_messages,
+            spool_max_bytes=spool.max_bytes,
+            spool_dropped=spool.dropped,
+            events_dropped=sub.dropped if sub is not None else 0,
+        )
+
+    async def run(self) -> None:
+        backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+        while True:
+            login = self.cfg.login
+            client = aiomqtt.Client(
+                self.cfg.host,
+                self.cfg.port,
+                identifier=self.client_id,
+                username=login.user if login else None,
+                password=self.password,
+                will=self.publisher.will(),
+                clean_session=True,
+                keepalive=self.cfg.keepalive_s,
+                timeout=self.cfg.connect_timeout_s,
+                logger=logging.getLogger("linectl.northbound.aiomqtt"),
+            )
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    async with asyncio.timeout(self.cfg.connect_timeout_s + 1):
+                        await stack.enter_async_context(client)
+                    backoff.reset()
+                    await self._session(client)
+            except* (aiomqtt.MqttError, TimeoutError, OSError) as group:
+                self._lost(group.exceptions[0])
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self.connects += 1
+        for topic in self.publisher.subscriptions:
+            await client.subscribe(topic, qos=1, timeout=self.cfg.timeout_s)
+        for message in self.publisher.births():
+            await self._send(client, message, message.payload)
+        self.connected = True
+        if self._reported and self._down_since is not None:
+            after = time.monotonic() - self._down_since
+            log.info("%s: connected after %.1f s down", self.where, after)
+        self._down_since = None
+        self._reported = ""
+        self.outbox.go_online()
+        for message in self.publisher.snapshot():
+            self.outbox.put(message)
+        self.on_change()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._listen(client), name=f"mqtt-{self.publisher.name}-listen")
+                await self._pump(client)
+        finally:
+            self._client = None
+            self.connected = False
+            self.outbox.go_offline()
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        while True:
+            if self._rebirth:
+                self._rebirth = False
+                for message in self.publisher.births():
+                    await self._send(client, message, message.payload)
+            item = self.outbox.peek()
+            if item is None:
+                await self.outbox.wait()
+                continue
+            message, delayed = item
+            await self._send(client, message, self.publisher.prepare(message, delayed))
+            self.outbox.pop()
+
+    async def _send(self, client: aiomqtt.Client, message: Message, payload: bytes) -> None:
+        await client.publish(
+            message.topic, payload, message.qos, message.retain, timeout=self.cfg.timeout_s
+        )
+        self.published += 1
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if self.publisher.on_message(str(message.topic), payload):
+                log.info("%s: rebirth requested by %s", self.where, message.topic)
+                self._rebirth = True
+                self.outbox.wake()
+        raise aiomqtt.MqttError("disconnected")
+
+    def _lost(self, exc: BaseException) -> None:
+        self.connected = False
+        self.connect_failures += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self.on_change()
+        reason = _reason(exc, self.cfg)
+        if reason != self._reported:
+            self._reported = reason
+            log.warning("%s: %s; spooling, retrying with backoff", self.where, reason)
+
+    async def close(self) -> None:
+        """Say goodbye (offline / NDEATH) where the will would have, if still connected."""
+        client, goodbye = self._client, self.publisher.goodbye()
+        if client is None or goodbye is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(self.cfg.timeout_s):
+                await client.publish(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain)
+
+
+def _reason(exc: BaseException, cfg: NorthboundMqtt) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc in (4, 5, 134, 135):
+        user = f"user '{cfg.login.user}'" if cfg.login else "anonymous login"
+        return f"the broker refused {user}: {text} (check northbound.mqtt.login)"
+    if isinstance(exc, TimeoutError):
+        return "timed out (check northbound.mqtt.host and port)"
+    if "refused" in text.lower() or isinstance(exc, OSError):
+        return f"cannot connect: {text} (check northbound.mqtt.host and port)"
+    return f"connection lost: {text}"
+
+
+async def run_publisher(link: MqttLink) -> None:
+    """The feed and the link of one publisher, until cancelled."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(link.publisher.feed(), name=f"mqtt-{link.publisher.name}-feed")
+        tg.create_task(link.run(), name=f"mqtt-{link.publisher.name}")

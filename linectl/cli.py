@@ -606,6 +606,12 @@ def certs_command(
     typer.echo(f"{files.private_key}: private key (keep it here; mode 0600)")
 
 
+# Virtual time (linectl/simcli.py): what-ifs run by the real supervisor in simulated time.
+from linectl import simcli  # noqa: E402
+
+app.command("simulate")(simcli.simulate_command)
+
+
 def main() -> None:
     app()
 

@@ -478,6 +478,30 @@ def test_a_failed_migration_leaves_the_database_as_it_was(url: str) -> None:
     assert asyncio.run(_serials(url)) == ["L1-000001"]
 
 
+def test_a_version_1_store_learns_the_constraint_moved_event_keeping_its_events(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        prepare(engine, "test", migrations={1: MIGRATIONS[1]})
+    finally:
+        engine.dispose()
+    insert = (
+        "INSERT INTO station_events (line, station, at, kind, detail) "
+        "VALUES ('L1', 'a', '2026-01-01 00:00:00', :kind, '')"
+    )
+    query(url, insert, kind="fault")
+    with pytest.raises(Exception, match=r"ck_station_events_kind|CHECK constraint"):
+        query(url, insert, kind="constraint_moved")
+
+    async def record() -> None:
+        async with await TraceStore.open(url, "L1") as store:
+            await store.station_event("b", "constraint_moved", at(1), None, "from a to b")
+
+    asyncio.run(record())
+    assert query(url, "SELECT version FROM schema_meta") == [(SCHEMA_VERSION,)]
+    rows = query(url, "SELECT station, kind FROM station_events ORDER BY id")
+    assert rows == [("a", "fault"), ("b", "constraint_moved")]
+
+
 async def _one_unit(url: str) -> None:
     async with await TraceStore.open(url, "L1") as store:
         await store.unit_released(1, "L1-000001", at(0))

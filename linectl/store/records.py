@@ -19,9 +19,12 @@ EVENT_KINDS = (
     "violation",
     "out_of_service",
     "in_service",
+    "constraint_moved",  # the measured bottleneck moved to this station (bottleneck.py)
 )
 # What an operator may do; each is journalled before it takes effect and replayed on restart.
 OPERATOR_ACTIONS = ("pause", "resume", "out_of_service", "in_service", "release")
+# Kinds the version-1 schema's CHECK constraint allows (migration 3 added the rest).
+EVENT_KINDS_V1 = EVENT_KINDS[:8]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    MetaData,
     inspect,
     text,
 )
@@ -28,6 +29,7 @@ from linectl.errors import StoreError
 from linectl.store.records import (
     EVENT_KINDS,
     OPERATOR_ACTIONS,
+    EVENT_KINDS_V1,
     STEP_RESULTS,
     STEP_STATUSES,
     UNIT_STATUSES,
@@ -170,10 +172,16 @@ TRACE_TABLES = ("units", "steps", "station_events", "quarantine")
 
 
 def _create_v1(conn: Connection) -> None:
-    # When version 2 changes a model, freeze this migration's DDL here as it was, so an empty
-    # database still walks 1, 2, ... and ends up exactly like a migrated one.
-    tables = [SQLModel.metadata.tables[name] for name in TRACE_TABLES]
-    SQLModel.metadata.create_all(conn, tables=tables)
+    # Today's tables as version 1 had them (station event kinds of then), so an empty database
+    # walks 1, 2, ... and ends up exactly like a migrated one.
+    meta = MetaData()
+    for name in TRACE_TABLES:
+        SQLModel.metadata.tables[name].to_metadata(meta)
+    events = meta.tables["station_events"]
+    kinds = next(c for c in events.constraints if c.name == "ck_station_events_kind")
+    events.constraints.remove(kinds)
+    events.append_constraint(_one_of("kind", EVENT_KINDS_V1, "ck_station_events_kind"))
+    meta.create_all(conn)
 
 
 def _create_v2(conn: Connection) -> None:
@@ -181,10 +189,32 @@ def _create_v2(conn: Connection) -> None:
     SQLModel.metadata.create_all(conn, tables=[SQLModel.metadata.tables["operator_actions"]])
 
 
+def _event_kinds_v3(conn: Connection) -> None:
+    """Allow the station event kinds added since version 1 (``constraint_moved``)."""
+    check = _one_of("kind", EVENT_KINDS, "ck_station_events_kind")
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE station_events DROP CONSTRAINT ck_station_events_kind"))
+        conn.execute(
+            text(f"ALTER TABLE station_events ADD CONSTRAINT {check.name} CHECK ({check.sqltext})")
+        )
+        return
+    # SQLite cannot alter a CHECK constraint: rebuild the table (its documented recipe).
+    table = SQLModel.metadata.tables["station_events"]
+    columns = ", ".join(c.name for c in table.columns)
+    conn.execute(text("ALTER TABLE station_events RENAME TO station_events_v1"))
+    for index in table.indexes:
+        conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+    table.create(conn)
+    conn.execute(
+        text(f"INSERT INTO station_events ({columns}) SELECT {columns} FROM station_events_v1")
+    )
+    conn.execute(text("DROP TABLE station_events_v1"))
+
+
 Migration = Callable[[Connection], None]
 
 # MIGRATIONS[n] takes a database from version n-1 to n; version 0 is an empty database.
-MIGRATIONS: Mapping[int, Migration] = {1: _create_v1, 2: _create_v2}
+MIGRATIONS: Mapping[int, Migration] = {1: _create_v1, 2: _create_v2, 3: _event_kinds_v3}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 

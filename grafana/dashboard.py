@@ -48,8 +48,11 @@ PACKML = [
 ]
 
 
-def target(expr: str, legend: str, ref: str) -> dict[str, Any]:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref}
+def target(expr: str, legend: str, ref: str, exemplar: bool = False) -> dict[str, Any]:
+    out = {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref}
+    if exemplar:
+        out["exemplar"] = True  # points carrying the unit serial (docs/metrics.md, Exemplars)
+    return out
 
 
 def panel(
@@ -64,6 +67,7 @@ def panel(
     mappings: list[tuple[str, str, str]] | None = None,
     options: dict[str, Any] | None = None,
     thresholds: list[tuple[float | None, str]] | None = None,
+    exemplars: bool = False,
 ) -> dict[str, Any]:
     x, y, w, h = grid
     defaults: dict[str, Any] = {"unit": unit}
@@ -96,7 +100,8 @@ def panel(
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": options or {},
         "targets": [
-            target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)
+            target(expr, legend, chr(ord("A") + i), exemplars)
+            for i, (expr, legend) in enumerate(targets)
         ],
     }
 
@@ -107,6 +112,9 @@ UTIL_STEPS = [(None, "green"), (0.7, "yellow"), (0.9, "red")]
 
 def panels() -> list[dict[str, Any]]:
     finished_rate = f"sum(rate(linectl_units_finished_total{{{L}}}[$__rate_interval]))"
+    # Wall seconds per line second: turns a per-wall-second rate into the line's own rate, so
+    # a simulated line (time_scale 0.1) shows its plant throughput, not ten times it.
+    scale = f"scalar(linectl_time_scale{{{L}}})"
     busy = (
         f"rate(linectl_station_busy_seconds_total{{{L}}}[$__rate_interval])"
         f" / on(line, station) linectl_station_capacity_units{{{L}}}"
@@ -126,13 +134,14 @@ def panels() -> list[dict[str, Any]]:
         panel(
             "timeseries",
             "Throughput vs predicted",
-            "Finished units per hour (wall time), against the flow analysis' prediction "
-            "for nominal cycle times scaled by time_scale.",
+            "Finished units per line hour (rates times time_scale: the line's own throughput, "
+            "also for a sped-up simulation), against the flow analysis' prediction for "
+            "nominal cycle times.",
             (0, 0, 12, 8),
             [
-                (f"{finished_rate} * 3600", "measured"),
+                (f"{finished_rate} * {scale} * 3600", "measured"),
                 (
-                    f"linectl_predicted_throughput_units_per_second{{{L}}} * 3600",
+                    f"linectl_predicted_throughput_units_per_second{{{L}}} * {scale} * 3600",
                     "predicted",
                 ),
             ],
@@ -174,11 +183,11 @@ def panels() -> list[dict[str, Any]]:
             "timeseries",
             "Interval between finished units",
             "Measured mean time between finished units (1 / throughput) against the predicted "
-            "interval, in wall seconds.",
+            "interval, in line seconds.",
             (0, 8, 8, 8),
             [
-                (f"1 / {finished_rate}", "measured"),
-                (f"linectl_predicted_interval_seconds{{{L}}}", "predicted"),
+                (f"1 / ({finished_rate} * {scale})", "measured"),
+                (f"linectl_predicted_interval_seconds{{{L}}} / {scale}", "predicted"),
             ],
             unit="s",
         ),
@@ -186,7 +195,8 @@ def panels() -> list[dict[str, Any]]:
             "timeseries",
             "Lead time",
             "Release to finish of finished units: p50 and p95 from the histogram, against the "
-            "predicted lead time through an empty line.",
+            "predicted lead time through an empty line. Exemplar points name a unit: "
+            "linectl trace SERIAL shows its path.",
             (8, 8, 8, 8),
             [
                 (quantile(0.5, "linectl_unit_lead_time_seconds"), "p50"),
@@ -194,6 +204,7 @@ def panels() -> list[dict[str, Any]]:
                 (f"linectl_predicted_lead_time_seconds{{{L}}}", "predicted"),
             ],
             unit="s",
+            exemplars=True,
         ),
         panel(
             "timeseries",
@@ -263,16 +274,21 @@ def panels() -> list[dict[str, Any]]:
         panel(
             "stat",
             "Bottleneck",
-            "The most utilized station now (measured) and the one the flow analysis predicts.",
+            "The constraint measured by the blocked/starved method (the station least often "
+            "blocked or starved over the last 600 line seconds) with its active share, next "
+            "to the one the flow analysis predicts; and how often the constraint moved.",
             (8, 40, 4, 9),
             [
-                (f"topk(1, {busy})", "measured: {{station}}"),
                 (
-                    f"topk(1, linectl_station_predicted_utilization_ratio{{{L}}})",
-                    "predicted: {{station}}",
+                    f"linectl_line_bottleneck_info{{{L}}} * on(line, station) group_left "
+                    f"linectl_station_active_ratio{{{L}}}",
+                    "{{station}} (predicted {{predicted}})",
+                ),
+                (
+                    f"increase(linectl_line_constraint_moves_total{{{L}}}[$__range])",
+                    "moves in range",
                 ),
             ],
-            unit="percentunit",
             options={**stat, "textMode": "value_and_name"},
         ),
         panel(
@@ -291,8 +307,8 @@ def panels() -> list[dict[str, Any]]:
         panel(
             "timeseries",
             "Cycle time p95 per station",
-            "95th percentile of the cycle times the PLCs measured, in wall seconds, against "
-            "the nominal time per unit.",
+            "95th percentile of the cycle times the PLCs measured, in wall seconds. Exemplar "
+            "points name the last unit in each bucket.",
             (0, 49, 12, 8),
             [
                 (
@@ -302,6 +318,7 @@ def panels() -> list[dict[str, Any]]:
                 ),
             ],
             unit="s",
+            exemplars=True,
         ),
         panel(
             "timeseries",

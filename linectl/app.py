@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
 from linectl.journal import Journal
 from linectl.supervisor import Supervisor
@@ -22,7 +23,7 @@ log = logging.getLogger("linectl")
 
 @contextlib.asynccontextmanager
 async def _endpoints(
-    sup: Supervisor, line: Line, *, metrics: bool, api: bool
+    sup: Supervisor, line: Line, constraint: ConstraintMonitor, *, metrics: bool, api: bool
 ) -> AsyncIterator[list[str]]:
     """Start the metrics and operator endpoints that exist; yield where they listen."""
     where: list[str] = []
@@ -38,7 +39,12 @@ async def _endpoints(
             from linectl.metrics import serve_metrics
 
             server = await serve_metrics(
-                sup, line, line.metrics.host, line.metrics.port, northbound=northbound
+                sup,
+                line,
+                line.metrics.host,
+                line.metrics.port,
+                northbound=northbound,
+                constraint=constraint,
             )
             stack.push_async_callback(server.stop)
             where.append(f"metrics http://{line.metrics.host}:{server.port}/metrics")
@@ -59,9 +65,11 @@ async def run_line(
     api: bool = True,
     exit_when_done: bool = False,
     on_ready: Callable[[Supervisor, list[str]], None] | None = None,
-    status: Callable[[Supervisor], contextlib.AbstractAsyncContextManager[None]] | None = None,
+    status: Callable[..., contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> Supervisor:
-    """Run ``line`` until a signal (or until ``release.count`` units are done)."""
+    """Run ``line`` until a signal (or until ``release.count`` units are done).
+
+    ``status(sup, constraint=monitor)`` is entered while it runs (the live board)."""
     from linectl.store import TraceStore
 
     url = db_url or line.storage_url
@@ -71,17 +79,23 @@ async def run_line(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, sup.stop)
         try:
-            async with _endpoints(sup, line, metrics=metrics, api=api) as where:
-                task = asyncio.create_task(sup.run(), name="supervisor")
+            constraint = ConstraintMonitor(sup)
+            async with (
+                _endpoints(sup, line, constraint, metrics=metrics, api=api) as where,
+                asyncio.TaskGroup() as tg,
+            ):
+                task = tg.create_task(sup.run(), name="supervisor")
+                watch = tg.create_task(constraint.run(), name="constraint")
                 try:
                     if on_ready is not None:
                         on_ready(sup, where)
                     if status is not None:
-                        async with status(sup):
+                        async with status(sup, constraint=constraint):
                             await asyncio.shield(task)
                     else:
                         await asyncio.shield(task)
                 finally:
+                    watch.cancel()
                     if not task.done():
                         sup.stop()
                     await task

@@ -182,7 +182,9 @@ class Dispatcher:
         st.consecutive_faults = 0
         if status.cycle_time_ms:
             st.observe_cycle(status.cycle_time_ms / 1000)
-            st.cycle_hist.observe(status.cycle_time_ms / 1000 * self.line.time_scale)
+            st.cycle_hist.observe(
+                status.cycle_time_ms / 1000 * self.line.time_scale, unit.serial
+            )
         rejected = status.result == Result.REJECT
         if rejected:
             st.rejected += 1
@@ -326,7 +328,7 @@ class Dispatcher:
         self.finished += 1
         self.finish_times.append(at - self._t0)
         self.lead_times.append(at - unit.released_at)
-        self.lead_hist.observe(at - unit.released_at)
+        self.lead_hist.observe(at - unit.released_at, unit.serial)
         self.journal.unit_finished(unit.id, self.wall(at))
         self._unit_event("finished", unit, at)
         self._check_done()

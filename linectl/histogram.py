@@ -38,23 +38,32 @@ class HistogramSnapshot:
     counts: tuple[int, ...]  # per bucket, not cumulative; one more for +Inf
     sum: float
     count: int
+    # Per bucket, the last observation's label (a unit serial) and value, or None: Prometheus
+    # exemplars, so a spike on a dashboard leads to a unit.
+    exemplars: tuple[tuple[str, float] | None, ...] = ()
 
 
 class Histogram:
     """Cumulative counts for Prometheus, kept by the supervisor at the cost of one bisect."""
 
-    __slots__ = ("buckets", "count", "counts", "sum")
+    __slots__ = ("buckets", "count", "counts", "exemplars", "sum")
 
     def __init__(self, buckets: tuple[float, ...] = SECONDS_BUCKETS) -> None:
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
         self.count = 0
+        self.exemplars: list[tuple[str, float] | None] = [None] * (len(buckets) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+    def observe(self, value: float, exemplar: str | None = None) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        self.counts[i] += 1
         self.sum += value
         self.count += 1
+        if exemplar is not None:
+            self.exemplars[i] = (exemplar, value)
 
     def snapshot(self) -> HistogramSnapshot:
-        return HistogramSnapshot(self.buckets, tuple(self.counts), self.sum, self.count)
+        return HistogramSnapshot(
+            self.buckets, tuple(self.counts), self.sum, self.count, tuple(self.exemplars)
+        )

@@ -17,14 +17,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
+    Exemplar,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from linectl.analysis import Analysis, analyze
+from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
 from linectl.endpoints import Endpoint, make_app
 from linectl.histogram import HistogramSnapshot
@@ -35,6 +39,9 @@ PREFIX = "linectl_"
 # version 1.0.0, which Prometheus before 3.0 does not know. Every metric name here is a legacy
 # name, so the two formats are the same bytes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Exemplars (the unit serial on cycle and lead time buckets) exist only in OpenMetrics, which
+# is served to a scraper that asks for it (Prometheus does by default).
+OPENMETRICS = "application/openmetrics-text"
 
 # linectl_station_condition's values. The order is the dashboard's legend; never renumber.
 CONDITION_CODES = {
@@ -107,13 +114,19 @@ def line_oee(stats: SupervisorStatistics, analysis: Analysis, time_scale: float)
     )
 
 
-def cumulative_buckets(snap: HistogramSnapshot) -> list[tuple[str, float]]:
-    """Prometheus buckets (cumulative, ending in +Inf) from per-bucket counts."""
+def cumulative_buckets(snap: HistogramSnapshot) -> list[tuple]:
+    """Prometheus buckets (cumulative, ending in +Inf) from per-bucket counts; a bucket whose
+    last observation carried a unit serial gets it as its exemplar (``serial="demo-000042"``)."""
     bounds = [*(repr(float(b)) for b in snap.buckets), "+Inf"]
-    out, running = [], 0
-    for le, count in zip(bounds, snap.counts, strict=True):
+    exemplars = snap.exemplars or (None,) * len(bounds)
+    out: list[tuple] = []
+    running = 0
+    for le, count, ex in zip(bounds, snap.counts, exemplars, strict=True):
         running += count
-        out.append((le, float(running)))
+        if ex is None:
+            out.append((le, float(running)))
+        else:
+            out.append((le, float(running), Exemplar({"serial": ex[0]}, ex[1])))
     return out
 
 
@@ -123,11 +136,18 @@ class LineCollector(Collector):
     ``collect`` must run on the supervisor's event loop thread (it reads the loop's clock).
     """
 
-    def __init__(self, supervisor: Any, line: Line, northbound: Any = None) -> None:
+    def __init__(
+        self,
+        supervisor: Any,
+        line: Line,
+        northbound: Any = None,
+        constraint: ConstraintMonitor | None = None,
+    ) -> None:
         self.supervisor = supervisor
         self.line = line
         self.northbound = northbound  # linectl.northbound.Northbound, when configured
         self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
+        self.constraint = constraint
 
     def describe(self) -> Iterable[Metric]:
         # Without this, registering would call collect() off the loop to learn the names.
@@ -137,6 +157,7 @@ class LineCollector(Collector):
         stats: SupervisorStatistics = self.supervisor.statistics()
         drivers = self.supervisor.driver_statistics()
         yield from self._line(stats)
+        yield from self._constraint(stats.line)
         yield from self._stations(stats)
         yield from self._plcs(stats.line, drivers)
         if self.northbound is not None:
@@ -170,7 +191,12 @@ class LineCollector(Collector):
         yield gauge("wip_units", "Units in the line now (work in process).", stats.wip)
         yield gauge("paused", "1 while release is paused by the operator.", int(stats.paused))
         yield gauge("uptime_seconds", "Seconds since the supervisor started.", stats.elapsed_s)
-        yield gauge("time_scale", "Wall seconds per config second.", scale)
+        yield gauge(
+            "time_scale",
+            "Wall seconds per config (line) second; multiply a per-second rate by it for the "
+            "line's own rate.",
+            scale,
+        )
 
         yield gauge(
             "predicted_interval_seconds",
@@ -206,6 +232,42 @@ class LineCollector(Collector):
             labels,
             [([line], stats.handover_seconds)],
         )
+
+    def _constraint(self, line: str) -> Iterator[Metric]:
+        if self.constraint is None:
+            return
+        now = self.constraint.current
+        info = InfoMetricFamily(
+            PREFIX + "line_bottleneck",
+            "The measured constraint (blocked/starved method; empty until judged), the "
+            "predicted bottleneck, and the stations it shifts between.",
+            labels=["line"],
+        )
+        info.add_metric(
+            [line],
+            {
+                "station": now.station or "",
+                "predicted": self.analysis.bottleneck,
+                "shifting": ",".join(now.shifting),
+            },
+        )
+        yield info
+        moves = CounterMetricFamily(
+            PREFIX + "line_constraint_moves",
+            "Times the measured constraint moved from one station to another.",
+            labels=["line"],
+        )
+        moves.add_metric([line], self.constraint.moves)
+        yield moves
+        active = GaugeMetricFamily(
+            PREFIX + "station_active_ratio",
+            "Share of the constraint window the station was neither blocked, starved nor out "
+            "of service; the highest is the constraint.",
+            labels=["line", "station"],
+        )
+        for name, share in now.active.items():
+            active.add_metric([line, name], share)
+        yield active
 
     def _stations(self, stats: SupervisorStatistics) -> Iterator[Metric]:
         line, scale = stats.line, self.line.time_scale
@@ -399,10 +461,16 @@ class MetricsServer:
     """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
 
     def __init__(
-        self, supervisor: Any, line: Line, host: str, port: int, northbound: Any = None
+        self,
+        supervisor: Any,
+        line: Line,
+        host: str,
+        port: int,
+        northbound: Any = None,
+        constraint: ConstraintMonitor | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = LineCollector(supervisor, line, northbound)
+        self.collector = LineCollector(supervisor, line, northbound, constraint)
         self.registry.register(self.collector)
         self.app = make_app()
         self.app.router.add_get("/metrics", self._metrics)
@@ -424,11 +492,9 @@ class MetricsServer:
     async def stop(self) -> None:
         await self.http.stop()
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
         # Synchronous on purpose: statistics() is read on the loop's thread, between events.
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE}
-        )
+        return exposition(self.registry, request.headers.get("Accept", ""))
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
@@ -438,6 +504,16 @@ class MetricsServer:
         await self.stop()
 
 
+def exposition(registry: CollectorRegistry, accept: str) -> web.Response:
+    """The registry in OpenMetrics (with exemplars) when ``accept`` asks for it, else in the
+    classic text format."""
+    if OPENMETRICS in accept:
+        body, kind = openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST
+    else:
+        body, kind = generate_latest(registry), CONTENT_TYPE
+    return web.Response(body=body, headers={"Content-Type": kind})
+
+
 async def serve_metrics(
     supervisor: Any,
     line: Line,
@@ -445,6 +521,7 @@ async def serve_metrics(
     port: int | None = None,
     *,
     northbound: Any = None,
+    constraint: ConstraintMonitor | None = None,
 ) -> MetricsServer:
     """Start serving ``GET /metrics`` on ``line.metrics`` (or ``host``/``port``; port 0 picks a
     free one, see ``.port``). ``await server.stop()`` ends it."""
@@ -454,6 +531,7 @@ async def serve_metrics(
         line.metrics.host if host is None else host,
         line.metrics.port if port is None else port,
         northbound,
+        constraint,
     )
     await server.start()
     return server

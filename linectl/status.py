@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from linectl.analysis import analyze
+from linectl.bottleneck import ConstraintMonitor
 from linectl.linestate import Condition, SupervisorStatistics
 from linectl.supervisor import Supervisor
 
@@ -33,7 +34,22 @@ def units_per_hour(stats: SupervisorStatistics, window: int = 20) -> float | Non
     return (len(times) - 1) / (times[-1] - times[0]) * 3600
 
 
-def render(sup: Supervisor, predicted_per_h: float) -> Group:
+def constraint_line(constraint: ConstraintMonitor | None, predicted: str) -> Text:
+    """``constraint test (predicted test)``, with the shifting stations when there are."""
+    now = None if constraint is None else constraint.current
+    measured = "-" if now is None or now.station is None else now.station
+    text = Text.assemble("constraint ", (measured, "bold"), f" (predicted {predicted})")
+    if now is not None and now.is_shifting:
+        text.append(f"   shifting between {', '.join(now.shifting)}", style="yellow")
+    return text
+
+
+def render(
+    sup: Supervisor,
+    predicted_per_h: float,
+    constraint: ConstraintMonitor | None = None,
+    predicted_bottleneck: str = "",
+) -> Group:
     stats = sup.statistics()
     rate = units_per_hour(stats)
     scale = sup.line.time_scale
@@ -61,9 +77,10 @@ def render(sup: Supervisor, predicted_per_h: float) -> Group:
         "cycle s (nominal)",
     ):
         table.add_column(column, justify="right" if column not in ("station", "plc") else "left")
+    at_constraint = None if constraint is None else constraint.current.station
     for st in stats.stations.values():
         table.add_row(
-            st.name,
+            f"{st.name} ◀" if st.name == at_constraint else st.name,
             st.plc,
             st.state.label,
             Text(st.condition.value, style=COLOURS[st.condition]),
@@ -75,7 +92,7 @@ def render(sup: Supervisor, predicted_per_h: float) -> Group:
             f"{st.ewma_cycle_s:.1f} ({st.cycle_s:g})",
         )
     quarantine = [f"{u.serial}: {u.reason}" for u in list(sup.quarantined.values())[-5:]]
-    parts = [head, pace, table]
+    parts = [head, pace, constraint_line(constraint, predicted_bottleneck), table]
     if quarantine:
         parts.append(Text("quarantine (latest): " + "; ".join(quarantine), style="red"))
     parts.append(Text("Ctrl-C stops release, finishes the units in process and exits", "dim"))
@@ -83,15 +100,21 @@ def render(sup: Supervisor, predicted_per_h: float) -> Group:
 
 
 @contextlib.asynccontextmanager
-async def live_status(sup: Supervisor, refresh_s: float = 0.5) -> AsyncIterator[None]:
-    predicted = analyze(sup.line).throughput_per_h
+async def live_status(
+    sup: Supervisor, refresh_s: float = 0.5, *, constraint: ConstraintMonitor | None = None
+) -> AsyncIterator[None]:
+    analysis = analyze(sup.line)
+    predicted = analysis.throughput_per_h
+
+    def board() -> Group:
+        return render(sup, predicted, constraint, analysis.bottleneck)
 
     async def refresh(live: Live) -> None:
         while True:
             await asyncio.sleep(refresh_s)
-            live.update(render(sup, predicted))
+            live.update(board())
 
-    with Live(render(sup, predicted), refresh_per_second=4, transient=False) as live:
+    with Live(board(), refresh_per_second=4, transient=False) as live:
         task = asyncio.create_task(refresh(live), name="status")
         try:
             yield
@@ -99,4 +122,4 @@ async def live_status(sup: Supervisor, refresh_s: float = 0.5) -> AsyncIterator[
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            live.update(render(sup, predicted))
+            live.update(board())

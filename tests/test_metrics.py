@@ -8,9 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from linectl.analysis import analyze
+from linectl.bottleneck import ConstraintMonitor
 from linectl.config import parse_config
 from linectl.contract import State
 from linectl.histogram import Histogram
@@ -33,10 +37,11 @@ ALLOWED = {"line", "station", "branch", "result"}
 DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
 
 
-async def scrape(port: int) -> str:
+async def scrape(port: int, accept: str = "") -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        extra = f"Accept: {accept}\r\n" if accept else ""
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
         await writer.drain()
         async with asyncio.timeout(5):
             reply = await reader.read()
@@ -44,7 +49,8 @@ async def scrape(port: int) -> str:
         writer.close()
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
-    assert b"Content-Type: text/plain; version=0.0.4" in head
+    want = b"application/openmetrics-text" if accept else b"text/plain; version=0.0.4"
+    assert b"Content-Type: " + want in head
     return body.decode()
 
 
@@ -52,8 +58,11 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
     """After a run of 8 units the scrape shows them, labels are line/station/result (plc on the
     PLC metrics only), never a unit serial, and histograms are cumulative up to +Inf."""
     async with running_line(LINE, drain_timeout_s=1.0) as run:
+        constraint = ConstraintMonitor(run.sup, window_s=1000)
+        constraint.sample()
         await run.wait_finished(8)
-        server = await serve_metrics(run.sup, run.sim.line, port=0)
+        constraint.sample()
+        server = await serve_metrics(run.sup, run.sim.line, port=0, constraint=constraint)
         try:
             assert server.host == "127.0.0.1"
             text = await scrape(server.port)
@@ -61,11 +70,14 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
             await server.stop()
         stats = run.sup.statistics()
     families = {f.name: f for f in text_string_to_metric_families(text)}
+    extra = {"linectl_plc_": {"plc"}, "linectl_line_bottleneck": {"predicted", "shifting"}}
     for family in families.values():
         assert family.name.startswith("linectl_"), family.name
         for sample in family.samples:
             names = set(sample.labels) - {"le", "quantile"}
-            allowed = ALLOWED | {"plc"} if family.name.startswith("linectl_plc_") else ALLOWED
+            allowed = ALLOWED | next(
+                (v for k, v in extra.items() if family.name.startswith(k)), set()
+            )
             assert names <= allowed, (family.name, sample.labels)
             assert not any("m-0000" in v for v in sample.labels.values()), sample
 
@@ -111,6 +123,34 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
         assert oee == pytest.approx(math.prod(factors))
     assert value("linectl_plc_connected", plc="p") == 1
     assert families["linectl_plc_request_seconds"].type == "summary"
+    # a and b have the same nominal rate (a is named on the tie); the measured constraint is
+    # one of them, next to the predicted one.
+    (info,) = families["linectl_line_bottleneck_info"].samples
+    assert info.labels["predicted"] == "a" and info.labels["station"] in ("a", "b")
+    assert 0 < value("linectl_station_active_ratio", station=info.labels["station"]) <= 1
+
+
+async def test_an_openmetrics_scrape_carries_the_unit_serial_as_exemplar():
+    """Asked for OpenMetrics, the cycle and lead time buckets carry the serial of the last unit
+    observed in them; the serial stays out of the labels."""
+    async with running_line(LINE, drain_timeout_s=1.0) as run:
+        await run.wait_finished(8)
+        server = await serve_metrics(run.sup, run.sim.line, port=0)
+        try:
+            text = await scrape(server.port, accept="application/openmetrics-text; version=1.0.0")
+        finally:
+            await server.stop()
+        quarantined = {u.serial for u in run.sup.quarantined.values()}
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}
+    for name in ("linectl_unit_lead_time_seconds", "linectl_station_cycle_seconds"):
+        exemplars = [s.exemplar for s in families[name].samples if s.exemplar is not None]
+        assert exemplars, name
+        for ex in exemplars:
+            assert re.fullmatch(r"m-\d{6}", ex.labels["serial"]), ex
+            assert ex.value > 0
+    lead = families["linectl_unit_lead_time_seconds"].samples
+    assert not {s.exemplar.labels["serial"] for s in lead if s.exemplar} & quarantined
 
 
 # --- pure parts ----------------------------------------------------------------------------

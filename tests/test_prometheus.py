@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from linectl.bottleneck import ConstraintMonitor
 from linectl.config import load_config
 from linectl.metrics import serve_metrics
 from tests.helpers import eventually
@@ -85,6 +86,7 @@ class Prometheus:
             f"--config.file={config}",
             f"--storage.tsdb.path={self.tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
             "--log.level=warn",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=(self.tmp / "prometheus.log").open("wb"),
@@ -157,8 +159,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
     the measured throughput is within ±50 % of the predicted one, and OEE is in (0, 1]."""
     binary("prometheus")
     line = load_config(DEMO).model_copy(update={"time_scale": 0.05})
-    async with running_line(line, drain_timeout_s=1.0) as run:
-        metrics = await serve_metrics(run.sup, run.sim.line, port=0)
+    async with running_line(line, drain_timeout_s=1.0) as run, asyncio.TaskGroup() as tg:
+        constraint = ConstraintMonitor(run.sup)
+        watch = tg.create_task(constraint.run())
+        metrics = await serve_metrics(run.sup, run.sim.line, port=0, constraint=constraint)
         prometheus = Prometheus(tmp_path, f"127.0.0.1:{metrics.port}")
         try:
             await prometheus.start()
@@ -196,6 +200,22 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
             assert 0.5 * predicted <= measured <= 1.5 * predicted, (measured, predicted)
             (oee,) = await prometheus.values('linectl_line_oee_ratio{line="demo"}')
             assert 0 < oee <= 1
+
+            # Prometheus kept the unit serials of the lead time buckets as exemplars.
+            status, body = await prometheus.get(
+                "/api/v1/query_exemplars?"
+                + urllib.parse.urlencode(
+                    {
+                        "query": 'linectl_unit_lead_time_seconds_bucket{line="demo"}',
+                        "start": "0",
+                        "end": "4102444800",
+                    }
+                )
+            )
+            found = json.loads(body)["data"] if status == 200 else []
+            serials = {e["labels"]["serial"] for s in found for e in s["exemplars"]}
+            assert serials and all(re.fullmatch(r"demo-\d{6}", s) for s in serials), body
         finally:
+            watch.cancel()
             await prometheus.stop()
             await metrics.stop()

@@ -28,8 +28,8 @@ from sqlmodel import Field, SQLModel, select, update
 from linectl.errors import StoreError
 from linectl.store.records import (
     EVENT_KINDS,
-    OPERATOR_ACTIONS,
     EVENT_KINDS_V1,
+    OPERATOR_ACTIONS,
     STEP_RESULTS,
     STEP_STATUSES,
     UNIT_STATUSES,

@@ -3,6 +3,12 @@
 Run ``python grafana/dashboard.py`` after editing; tests/test_dashboard.py fails while the
 committed JSON differs from what this produces, and tests/test_prometheus.py runs every query
 below against a real Prometheus scraping a running line. docs/metrics.md describes the panels.
+
+Plain dicts on purpose, not Grafana's grafana-foundation-sdk: tried on the state timeline, the
+SDK took as many lines per panel (its mappings and thresholds are nested model objects), left
+refId empty and the per-target datasource unset, emitted an older schemaVersion (36), and
+would make a 5 MB package with epoch-pinned versions a test dependency. Most of this file is
+the panels' titles, descriptions and queries, which either way would be the same.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from linectl.bottleneck import ConstraintTracker, active_shares, judge
+from linectl.bottleneck import ConstraintMonitor, ConstraintTracker, active_shares, judge
 
 
 def cum(**per_station: tuple[float, float, float]) -> dict[str, dict[str, float]]:
@@ -125,3 +125,56 @@ def test_moves_count_only_changes_between_named_stations(steps):
     named = [n for n in names if n is not None]
     changes = sum(1 for x, y in itertools.pairwise(named) if x != y)
     assert t.moves == changes
+
+
+ROUTE = """
+line: r
+time_scale: 0.05
+plcs:
+  p: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.005}
+stations:
+  k: {plc: p, address: 0, cycle_s: 1}
+  p1: {plc: p, address: 40, cycle_s: 4}
+  p2: {plc: p, address: 80, cycle_s: 4}
+flow: [k, {route: {branches: [[p1], [p2]]}}]
+"""
+
+
+@pytest.mark.slow
+async def test_taking_the_constraint_out_of_service_moves_it_and_the_move_is_recorded(tmp_path):
+    """Two equal presses share the work (the bottleneck shifts between them); once the named
+    one is taken out of service the other does all the work, and the move is logged, counted
+    and recorded as a constraint_moved station event in the trace store."""
+    from linectl.journal import Journal
+    from linectl.store import TraceStore
+    from tests.helpers import eventually
+    from tests.linefixtures import running_line
+
+    moved: list[tuple[str | None, str | None]] = []
+    url = f"sqlite:///{tmp_path / 'trace.sqlite3'}"
+    async with await TraceStore.open(url, "r") as store:
+        async with running_line(ROUTE, journal=Journal(store)) as run:
+            monitor = ConstraintMonitor(
+                run.sup, window_s=30, period_s=1, on_move=lambda a, b: moved.append((a, b.station))
+            )
+
+            def named() -> str | None:
+                monitor.sample()
+                return monitor.current.station
+
+            # k names itself while the presses fill up; then a press leads.
+            await eventually(lambda: named() in ("p1", "p2"), within=10, what="a press")
+            first = monitor.current.station
+            other = "p2" if first == "p1" else "p1"
+            before = monitor.moves
+            run.sup.set_in_service(first, False)
+
+            def moved_away() -> bool:
+                monitor.sample()
+                return monitor.current.station == other
+
+            await eventually(moved_away, within=10, interval=0.05, what=f"a move to {other}")
+            assert moved[-1] == (first, other) and monitor.moves == before + 1
+        events = await store.station_events(other)
+    recorded = [e for e in events if e.kind == "constraint_moved"]
+    assert recorded and recorded[-1].detail.startswith(f"from {first} ")

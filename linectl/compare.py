@@ -78,6 +78,7 @@ class Measured:
         return {
             "interval_s": self.interval_s,
             "throughput_per_h": self.throughput_per_h,
+            "finished": self.units,
             "lead_time_p50_s": self.lead_time_p50_s,
             "lead_time_p95_s": self.lead_time_p95_s,
             "makespan_s": self.makespan_s,
@@ -192,6 +193,7 @@ class _Mark:
     cycles: int
     cpu: float
     wip_area: float
+    finished: int
 
 
 class Recorder:
@@ -212,6 +214,7 @@ class Recorder:
         self.sup = sup
         self.skip = skip
         self.units = units
+        self.counted = units is not None  # the window ends at the last release, not the run's
         self.on_progress = on_progress
         self.start: _Mark | None = None
         self.end: _Mark | None = None
@@ -263,6 +266,7 @@ class Recorder:
             sum(s.cycles for s in stats.stations.values()),
             time.process_time(),
             self.wip_area + self._wip * (self.sup.now() - (self._wip_at or self.sup.now())),
+            self.sup.finished,
         )
 
 
@@ -281,12 +285,18 @@ def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
     start = rec.start or final
     end = rec.end if rec.end is not None and rec.end.elapsed > start.elapsed else final
     span = end.elapsed - start.elapsed
+    # No steady window: too few units finished to skip the fill (rejects), the last unit was
+    # released before the line filled, or nothing finished inside it. Its figures are then
+    # unknown (NaN, printed "n/a"), not 0.
+    never_full = rec.counted and rec.end is None
+    if rec.start is None or never_full or span <= 0 or end.finished <= start.finished:
+        span = 0.0
 
     def share(of: Callable[[_Mark], dict[str, float]], per_slot: bool = False) -> dict[str, float]:
         return {
             n: (of(end)[n] - of(start)[n]) / ((line.stations[n].capacity if per_slot else 1) * span)
             if span > 0
-            else 0.0
+            else math.nan
             for n in line.stations
         }
 
@@ -297,18 +307,18 @@ def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
     return Measured(
         units=finished,
         interval_s=interval,
-        throughput_per_h=3600 / interval,
+        throughput_per_h=3600 / interval if interval > 0 else math.nan,
         lead_time_p50_s=percentile(leads, 0.5),
         lead_time_p95_s=percentile(leads, 0.95),
         makespan_s=finish[-1],
-        bottleneck=observed_bottleneck(line, utilization),
+        bottleneck=observed_bottleneck(line, utilization) if span > 0 else "n/a",
         utilization=utilization,
         finish_times_s=finish,
         handover_p50_ms=percentile(handovers, 0.5) * 1000,
         handover_p99_ms=percentile(handovers, 0.99) * 1000,
         wall_s=wall_s,
         cpu_share=(end.cpu - start.cpu) / span if span > 0 else math.nan,
-        cpu_us_per_step=(end.cpu - start.cpu) / steps * 1e6 if steps else math.nan,
+        cpu_us_per_step=(end.cpu - start.cpu) / steps * 1e6 if steps and span > 0 else math.nan,
         blocked=share(lambda m: m.blocked),
         starved=share(lambda m: m.starved),
         mean_wip=(end.wip_area - start.wip_area) / span if span > 0 else math.nan,
@@ -376,10 +386,11 @@ async def measure(
                     ) from None
                 wall = loop.time() - started
                 rec.close()
-    if sup.finished < units:
+    # A line with rejects is measured too: quarantined units are done, and counted.
+    if sup.finished + len(sup.quarantined) < units:
         raise RuntimeError(
             f"line '{line.line}': only {sup.finished} of {units} units finished "
-            f"({len(sup.quarantined)} quarantined)"
+            f"and {len(sup.quarantined)} quarantined"
         )
     return figures(line, rec, wall_s=wall)
 
@@ -422,7 +433,7 @@ async def compare(
 
 
 def _pct(x: float) -> str:
-    return f"{x:.0%}"
+    return f"{round(x, 2) + 0.0:.0%}"  # + 0.0: a rounded -0.001 prints "0%", not "-0%"
 
 
 def _s(x: float) -> str:
@@ -438,11 +449,12 @@ def _n(x: float) -> str:
 
 
 def cell(fmt: Callable[[Any], str], value: Any) -> str:
-    """A table cell; "-" for a figure the line does not have (or that could not be measured)."""
+    """A table cell; "-" for a figure the line does not have, "n/a" for one the run could not
+    measure (an empty steady window, too few finished units)."""
     if value is None:
         return "-"
     if isinstance(value, float) and math.isnan(value):
-        return "-"
+        return "n/a"
     return fmt(value)
 
 
@@ -473,7 +485,7 @@ def figure_rows(stations: Sequence[str]) -> list[Figure | str]:
         Figure("lead time p95", lambda m: m.lead_time_p95_s, _s, lambda p: p.lead_time_s),
         Figure("makespan", lambda m: m.makespan_s, _s, lambda p: p.makespan_s),
         Figure("bottleneck", lambda m: m.bottleneck, str, lambda p: p.bottleneck),
-        Figure("units finished", lambda m: m.units, _n, lambda p: p.units),
+        Figure("units finished", lambda m: m.units, _n, lambda p: p.units * p.first_pass_yield),
         Figure(
             "units quarantined",
             lambda m: m.quarantined,
@@ -511,8 +523,8 @@ def comparison_rows(results: Sequence[Comparison]) -> list[tuple[str, list[str]]
         for r in results:
             cells.append(cell(fig.fmt, fig.predicted(r.predicted)) if fig.predicted else "")
             measured = cell(fig.fmt, fig.measured(r.measured))
-            if fig.relative:
-                measured += f" ({r.interval_error:+.1%})"
+            if fig.relative and not math.isnan(r.interval_error):
+                measured += f" ({round(r.interval_error, 3) + 0.0:+.1%})"
             cells.append(measured)
         rows.append((fig.label, cells))
     rows.append(

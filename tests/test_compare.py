@@ -143,3 +143,50 @@ async def test_scenario_b_runs_one_unit_every_12_minutes_against_one_every_7():
     for r in results:
         assert r.measured.interval_s == pytest.approx(r.predicted.interval_s, rel=0.05), r.config
         assert r.measured.bottleneck == r.predicted.bottleneck
+
+
+# a rejects about half of its units (seeded, so the same ones every run); a reject is final.
+REJECTS = (
+    TINY.replace(
+        "a: {plc: p0, address: 0, cycle_s: 1}",
+        "a: {plc: p0, address: 0, cycle_s: 1, sim: {reject_p: 0.5, seed: 3}}",
+    )
+    + "retry: {attempts: 1, backoff_s: 0}\n"
+)
+
+
+def test_a_line_with_rejects_is_compared_counting_its_quarantined_units(tmp_path):
+    config = tmp_path / "rejects.yaml"
+    config.write_text(REJECTS)
+    result = CliRunner().invoke(app, ["compare", str(config), "--units", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)["measured"]
+    assert measured["quarantined"] > 0
+    assert measured["quarantined"] + measured["finished"] == 8
+    assert measured["interval_s"] > 0  # fitted on the finished units
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        REJECTS,  # too few units finish to get past the line filling up
+        # every unit released (into a's seven slots) before the line filled up
+        TINY.replace("cycle_s: 1}", "cycle_s: 0.1, capacity: 7}")
+        .replace("address: 40", "address: 400")
+        .replace("address: 80", "address: 440"),
+    ],
+)
+def test_an_empty_steady_window_prints_n_a_never_0_percent(tmp_path, text):
+    config = tmp_path / "line.yaml"
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["compare", str(config), "--units", "8"])
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[3].strip()
+        for line in result.stdout.splitlines()
+        if line.count("│") == 4
+    }
+    for station in ("a", "b", "c"):
+        assert rows[station] == "n/a", rows  # the last of utilization, blocked, starved
+    assert rows["mean WIP"] == "n/a" and rows["bottleneck"] == "n/a"
+    assert "-0%" not in result.stdout and "nan" not in result.stdout.lower()

@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from struct import unpack_from
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.common.node import Node
-from asyncua.common.utils import ServiceError
-from asyncua.crypto import security_policies, uacrypto
-from asyncua.crypto.permission_rules import User, UserRole
-from cryptography import x509
 
 from linectl.config import OpcUaPlc
 from linectl.contract import (
@@ -50,7 +44,7 @@ from linectl.contract import (
     slot_name,
     status_to_array,
 )
-from linectl.security import CertificateRejected, TrustList, secret_digest
+from linectl.drivers.opcua_server_security import secure_server
 from simulators.station import SimPlc, SimStation
 
 log = logging.getLogger(__name__)
@@ -342,147 +336,19 @@ class OpcUaSimServer:
 
 
 # --- security ---------------------------------------------------------------------------------
-# asyncua's Server is open by default: a None endpoint, anonymous login, any client certificate,
-# and a user manager that makes anyone who calls himself "admin" an administrator, whatever the
-# password. _secure turns each of these off; tests/test_opcua_security.py proves it.
 
 
 async def _secure(server: Server, security: ServerSecurity) -> None:
-    trust = TrustList.load(
-        security.trust if isinstance(security.trust, Path) else list(security.trust)
+    await secure_server(
+        server,
+        certificate=security.certificate,
+        private_key=security.private_key,
+        trust=security.trust,
+        application_uri=security.application_uri,
+        policies=security.policies,
+        users=security.users,
+        operators=tuple(security.users),  # a PLC's users may call Command
     )
-    await server.load_certificate(str(security.certificate))
-    await server.load_private_key(str(security.private_key))
-    await server.set_application_uri(security.application_uri)
-    server.set_security_policy(
-        [
-            getattr(ua.SecurityPolicyType, f"{policy.replace('_', '')}_{mode}")
-            for policy, mode in security.policies
-        ]
-    )
-    server.set_identity_tokens([ua.UserNameIdentityToken])
-    server.allow_remote_admin(False)
-    iserver = server.iserver
-    iserver.set_user_manager(_UserManager(security.users, trust))
-    server.set_certificate_validator(_ClientValidator(trust))
-    # asyncua strips the server nonce from a decrypted password without comparing it, so an
-    # encrypted password seen once on a Sign-only channel could be replayed into a new session.
-    iserver.decrypt_user_token = _NonceCheckingDecrypt(iserver)  # type: ignore[method-assign]
-    # start() appends the real policy factories to this same list, after ours.
-    server._policies.append(_RefuseOtherPolicies(server._policies))
-
-
-class _PolicyRejected(ua.uaerrors.BadRequestTooLarge):
-    code = ua.StatusCodes.BadSecurityPolicyRejected
-
-
-# Defining a subclass registers it process-wide as *the* class of its code; undo that, so a
-# client in this process still gets asyncua's own BadSecurityPolicyRejected.
-ua.uaerrors.UaStatusCodeError._subclasses[_PolicyRejected.code] = (
-    ua.uaerrors.BadSecurityPolicyRejected
-)
-
-
-class _RefuseOtherPolicies:
-    """Answer an OpenSecureChannel for a policy the PLC does not offer (Basic256, Basic128Rsa15)
-    with an error, at once.
-
-    asyncua raises inside the connection's message loop, logs it and leaves the client waiting
-    for an answer until its own timeout. This factory matches what no real one does and raises
-    the one error asyncua answers with an ERR message and a closed connection. The None policy
-    stays asyncua's: any client may open a None channel to ask for the endpoints.
-    """
-
-    def __init__(self, factories: list[Any]) -> None:
-        self._factories = factories
-
-    def matches(self, uri: str, mode: ua.MessageSecurityMode | None = None) -> bool:
-        offered = {f.cls.URI for f in self._factories if f is not self}
-        return uri not in offered and uri != security_policies.SecurityPolicyNone.URI
-
-    def create(self, peer_certificate: bytes | None) -> Any:
-        raise _PolicyRejected()
-
-
-class _ClientValidator:
-    """CreateSession: the client's certificate must be trusted, valid and name its URI."""
-
-    def __init__(self, trust: TrustList) -> None:
-        self._trust = trust
-
-    async def __call__(self, cert: x509.Certificate, client: ua.ApplicationDescription) -> None:
-        try:
-            self._trust.check(cert, application_uri=client.ApplicationUri, peer="client")
-        except CertificateRejected as exc:
-            log.warning("refused client %r: %s", client.ApplicationUri, exc.reason)
-            raise ServiceError(getattr(ua.StatusCodes, exc.status)) from None
-
-
-class _UserManager:
-    """ActivateSession: a known user with the right password, over a channel secured by a
-    trusted client certificate.
-
-    asyncua hands the user manager the secure channel's client certificate. Checking it here,
-    too, matters: the CreateSession validator only sees the certificate the client *claims* in
-    CreateSession (which may differ from the one the channel was opened with, or be absent), and
-    a None channel (no certificate) can still create a session on a server without a None
-    endpoint.
-    """
-
-    def __init__(self, users: Mapping[str, str], trust: TrustList) -> None:
-        self._users = {name: secret_digest(pw) for name, pw in users.items()}
-        self._trust = trust
-
-    def get_user(
-        self,
-        iserver: Any,
-        username: str | None = None,
-        password: str | None = None,
-        certificate: bytes | None = None,
-    ) -> User | None:
-        if not certificate:  # b"" on a None channel
-            log.warning("refused login of %r: no secure channel", username)
-            return None
-        try:
-            cert = x509.load_der_x509_certificate(certificate)
-            self._trust.check(cert, application_uri=None, peer="client")
-        except (ValueError, CertificateRejected) as exc:
-            log.warning("refused login of %r: channel certificate: %s", username, exc)
-            return None
-        expected = self._users.get(username or "")
-        # Compare digests in constant time, also for unknown users, so timing tells nothing.
-        given = secret_digest(password or "")
-        if not hmac.compare_digest(given, expected or secret_digest("\0unknown")) or not expected:
-            log.warning("refused login of %r: unknown user or wrong password", username)
-            return None
-        return User(role=UserRole.User, name=username)
-
-
-class _NonceCheckingDecrypt:
-    """InternalServer.decrypt_user_token, also checking the session's nonce in the token."""
-
-    _ALGORITHMS: ClassVar[dict[str, Callable[[Any, bytes], bytes]]] = {
-        "http://www.w3.org/2001/04/xmlenc#rsa-oaep": uacrypto.decrypt_rsa_oaep,
-        "http://opcfoundation.org/UA/security/rsa-oaep-sha2-256": uacrypto.decrypt_rsa_oaep_sha256,
-    }
-
-    def __init__(self, iserver: Any) -> None:
-        self._iserver = iserver
-
-    def __call__(self, isession: Any, token: ua.UserNameIdentityToken) -> tuple[str, str]:
-        password = token.Password or b""
-        if not token.EncryptionAlgorithm:  # the channel itself is encrypted
-            return token.UserName, password.decode("utf-8")
-        decrypt = self._ALGORITHMS.get(token.EncryptionAlgorithm)
-        if decrypt is None:  # rsa-1_5 belongs to the deprecated policies
-            raise ServiceError(ua.StatusCodes.BadIdentityTokenInvalid)
-        raw = decrypt(self._iserver.private_key, password)
-        length = unpack_from("<I", raw)[0]
-        nonce = isession.nonce or b""
-        secret, tail = raw[4 : 4 + length - len(nonce)], raw[4 + length - len(nonce) : 4 + length]
-        if not hmac.compare_digest(tail, nonce):
-            raise ServiceError(ua.StatusCodes.BadIdentityTokenInvalid)
-        return token.UserName, secret.decode("utf-8")
 
 
 def _argument(name: str, datatype: int) -> ua.Argument:

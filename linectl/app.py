@@ -16,6 +16,7 @@ from pathlib import Path
 from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
 from linectl.journal import Journal
+from linectl.service import serving
 from linectl.supervisor import Supervisor
 
 log = logging.getLogger("linectl")
@@ -45,6 +46,7 @@ async def _endpoints(
                 line.metrics.port,
                 northbound=northbound,
                 constraint=constraint,
+                store=sup.journal.store,
             )
             stack.push_async_callback(server.stop)
             where.append(f"metrics http://{line.metrics.host}:{server.port}/metrics")
@@ -87,13 +89,14 @@ async def run_line(
                 task = tg.create_task(sup.run(), name="supervisor")
                 watch = tg.create_task(constraint.run(), name="constraint")
                 try:
-                    if on_ready is not None:
-                        on_ready(sup, where)
-                    if status is not None:
-                        async with status(sup, constraint=constraint):
+                    async with serving(sup):  # systemd's READY and watchdog, if it asks
+                        if on_ready is not None:
+                            on_ready(sup, where)
+                        if status is not None:
+                            async with status(sup, constraint=constraint):
+                                await asyncio.shield(task)
+                        else:
                             await asyncio.shield(task)
-                    else:
-                        await asyncio.shield(task)
                 finally:
                     watch.cancel()
                     if not task.done():

@@ -411,10 +411,31 @@ def sim_command(
         raise typer.Exit(1) from None
 
 
-def _logging(verbose: bool, board: bool = False) -> None:
+class LogFormat(StrEnum):
+    human = "human"
+    json = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format", help="human (for a terminal) or json (one object per line, for journald)."
+    ),
+]
+
+
+def _logging(
+    verbose: bool, board: bool = False, fmt: LogFormat = LogFormat.human, line: str | None = None
+) -> None:
     import logging
 
-    if board:
+    if fmt is LogFormat.json:
+        from linectl.logformat import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(line))
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    elif board:
         # Through rich's console, so log lines print above the live board, not through it.
         from rich.logging import RichHandler
 
@@ -439,6 +460,7 @@ def run_command(
     db: Annotated[str | None, typer.Option(help="Database URL (default: the config's).")] = None,
     status: Annotated[bool, typer.Option(help="Show the live status board.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_format: LogFormatOption = LogFormat.human,
 ) -> None:
     """Run the supervisor against the PLCs in CONFIG until Ctrl-C or SIGTERM."""
     import asyncio
@@ -447,7 +469,7 @@ def run_command(
     from linectl.status import live_status
 
     line = _load(config)
-    _logging(verbose, board=status)
+    _logging(verbose, board=status, fmt=log_format, line=line.line)
 
     def ready(_sup, where: list[str]) -> None:
         typer.echo(f"linectl: running line '{line.line}'; " + "; ".join(where), err=True)
@@ -473,6 +495,7 @@ def run_command(
 def demo_command(
     config: Annotated[Path, typer.Argument(help="Line config.")] = Path("config/demo.yaml"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_format: LogFormatOption = LogFormat.human,
 ) -> None:
     """Simulated PLCs, supervisor and metrics in one command, with a live status board."""
     import asyncio
@@ -483,7 +506,7 @@ def demo_command(
     from simulators.runner import SimLine
 
     line = _load(config)
-    _logging(verbose, board=True)
+    _logging(verbose, board=True, fmt=log_format, line=line.line)
     if not verbose:  # the board is the output; keep warnings, drop the chatter
         logging.getLogger().setLevel(logging.WARNING)
 
@@ -610,6 +633,14 @@ def certs_command(
 from linectl import simcli  # noqa: E402
 
 app.command("simulate")(simcli.simulate_command)
+from linectl import service_cli  # noqa: E402 - its commands need the helpers above
+
+app.command(
+    "prune", help="Remove finished units' old steps in short batches, while the line runs."
+)(service_cli.prune_command)
+app.command("backup", help="Copy a live SQLite trace store consistently (PostgreSQL: pg_dump).")(
+    service_cli.backup_command
+)
 
 
 def main() -> None:

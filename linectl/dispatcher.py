@@ -251,7 +251,11 @@ class Dispatcher:
             f"fault code {status.fault_code} with unit {unit.serial}",
         )
         log.warning(
-            "station '%s' faulted (code %d) with unit %s", st.name, status.fault_code, unit.serial
+            "station '%s' faulted (code %d) with unit %s",
+            st.name,
+            status.fault_code,
+            unit.serial,
+            extra={"station": st.name, "unit": unit.serial, "plc": st.plc},
         )
         slot.occupant = None
         slot.needs_reset = True
@@ -275,6 +279,7 @@ class Dispatcher:
             unit.serial,
             status.ack_seq,
             status.unit,
+            extra={"station": st.name, "unit": unit.serial, "plc": st.plc},
         )
         self.journal.step_finished(unit.id, st.name, tok.attempt, self.wall(at), "abandoned")
         slot.occupant = None
@@ -342,7 +347,12 @@ class Dispatcher:
         failed: Token | None = None,
         node: Node | None = None,
     ) -> None:
-        log.warning("unit %s quarantined: %s", unit.serial, reason)
+        log.warning(
+            "unit %s quarantined: %s",
+            unit.serial,
+            reason,
+            extra={"unit": unit.serial, "station": failed.station if failed else None},
+        )
         unit.status = "quarantined"
         unit.reason = reason
         if failed is not None and failed.slot is not None:
@@ -397,6 +407,15 @@ class Dispatcher:
             self.stop()
 
     # --- dispatch ---------------------------------------------------------------------
+
+    @property
+    def passes(self) -> int:
+        """Dispatch passes so far: the service watchdog pings only while they go on."""
+        return self._pass
+
+    def kick(self) -> None:
+        """Ask for a dispatch pass (the service watchdog's probe of the dispatch loop)."""
+        self._kick.set()
 
     def _changed(self) -> None:
         if self.on_event is not None:

@@ -9,8 +9,12 @@ label choices. This is the only module that imports prometheus_client.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +35,7 @@ from linectl.analysis import Analysis, analyze
 from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
 from linectl.endpoints import Endpoint, make_app
+from linectl.errors import LinectlError
 from linectl.histogram import HistogramSnapshot
 from linectl.linestate import Condition, StationStatistics, SupervisorStatistics
 
@@ -42,6 +47,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Exemplars (the unit serial on cycle and lead time buckets) exist only in OpenMetrics, which
 # is served to a scraper that asks for it (Prometheus does by default).
 OPENMETRICS = "application/openmetrics-text"
+# Database size and oldest step are read at most this often (a scrape every 15 s is common).
+DB_FIGURES_EVERY_S = 60.0
+
+log = logging.getLogger("linectl.metrics")
 
 # linectl_station_condition's values. The order is the dashboard's legend; never renumber.
 CONDITION_CODES = {
@@ -148,6 +157,7 @@ class LineCollector(Collector):
         self.northbound = northbound  # linectl.northbound.Northbound, when configured
         self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
         self.constraint = constraint
+        self.db: Any = None  # the store's latest DbFigures, refreshed by MetricsServer
 
     def describe(self) -> Iterable[Metric]:
         # Without this, registering would call collect() off the loop to learn the names.
@@ -162,6 +172,24 @@ class LineCollector(Collector):
         yield from self._plcs(stats.line, drivers)
         if self.northbound is not None:
             yield from _northbound(stats.line, self.northbound.statistics())
+        yield from self._database(stats.line)
+
+    def _database(self, line: str) -> Iterator[Metric]:
+        if self.db is None:
+            return
+        size = GaugeMetricFamily(
+            PREFIX + "db_size_bytes", "Size of the trace database.", labels=["line"]
+        )
+        size.add_metric([line], self.db.size_bytes)
+        yield size
+        if self.db.oldest_at is not None:
+            age = GaugeMetricFamily(
+                PREFIX + "db_oldest_step_age_seconds",
+                "Age of the oldest step still in the trace database (linectl prune).",
+                labels=["line"],
+            )
+            age.add_metric([line], (datetime.now(UTC) - self.db.oldest_at).total_seconds())
+            yield age
 
     def _line(self, stats: SupervisorStatistics) -> Iterator[Metric]:
         line, scale, a = stats.line, self.line.time_scale, self.analysis
@@ -468,6 +496,7 @@ class MetricsServer:
         port: int,
         northbound: Any = None,
         constraint: ConstraintMonitor | None = None,
+        store: Any = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = LineCollector(supervisor, line, northbound, constraint)
@@ -477,6 +506,8 @@ class MetricsServer:
         self.http = Endpoint(
             self.app, host, port, name="metrics", allowed_hosts=line.metrics.allowed_hosts
         )
+        self._store = store  # a TraceStore: its figures() are database size and history
+        self._db_read_at = -DB_FIGURES_EVERY_S
 
     @property
     def host(self) -> str:
@@ -493,8 +524,21 @@ class MetricsServer:
         await self.http.stop()
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        await self._refresh_db()
         # Synchronous on purpose: statistics() is read on the loop's thread, between events.
         return exposition(self.registry, request.headers.get("Accept", ""))
+
+    async def _refresh_db(self) -> None:
+        """Database figures at most every DB_FIGURES_EVERY_S: two index lookups, off the loop."""
+        now = time.monotonic()
+        if self._store is None or now - self._db_read_at < DB_FIGURES_EVERY_S:
+            return
+        self._db_read_at = now
+        try:
+            async with asyncio.timeout(2.0):
+                self.collector.db = await self._store.figures()
+        except (TimeoutError, LinectlError) as exc:
+            log.warning("metrics: database figures not read: %s", exc or "timed out")
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
@@ -522,6 +566,7 @@ async def serve_metrics(
     *,
     northbound: Any = None,
     constraint: ConstraintMonitor | None = None,
+    store: Any = None,
 ) -> MetricsServer:
     """Start serving ``GET /metrics`` on ``line.metrics`` (or ``host``/``port``; port 0 picks a
     free one, see ``.port``). ``await server.stop()`` ends it."""
@@ -532,6 +577,7 @@ async def serve_metrics(
         line.metrics.port if port is None else port,
         northbound,
         constraint,
+        store,
     )
     await server.start()
     return server

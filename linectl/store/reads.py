@@ -193,9 +193,7 @@ def export_page(
     Paging on the steps' key keeps each page one index range scan, however long the history.
     """
     query = (
-        select(Step, Unit.serial, Unit.status.label("unit_status"), Unit.released_at)
-        .add_columns(Unit.finished_at.label("unit_finished_at"), Unit.branch)
-        .join(Unit, (Unit.line == Step.line) & (Unit.unit_id == Step.unit_id))
+        export_query()
         .where(Step.line == line)
         .order_by(Step.unit_id, Step.station, Step.attempt)
         .limit(size)
@@ -205,30 +203,7 @@ def export_page(
     rows = []
     last: ExportKey | None = None
     for r in conn.execute(query):
-        step = _step(r)
-        rows.append(
-            ExportRow(
-                line=line,
-                serial=r.serial,
-                unit_id=r.unit_id,
-                unit_status=r.unit_status,
-                released_at=r.released_at,
-                unit_finished_at=r.unit_finished_at,
-                branch=r.branch,
-                station=r.station,
-                slot=r.slot,
-                attempt=r.attempt,
-                seq=r.seq,
-                commanded_at=r.commanded_at,
-                accepted_at=r.accepted_at,
-                finished_at=r.finished_at,
-                duration_s=step.duration_s,
-                step_status=r.status,
-                result=r.result,
-                fault_code=r.fault_code,
-                plc_cycle_s=r.plc_cycle_s,
-            )
-        )
+        rows.append(export_row(line, r))
         last = (r.unit_id, r.station, r.attempt)
     return rows, (last if len(rows) == size else None)
 
@@ -267,3 +242,37 @@ def operator_state(conn: Connection, line: str) -> OperatorState:
         elif action == "out_of_service":
             out.add(target)
     return OperatorState(paused=paused, out_of_service=frozenset(out))
+
+
+def export_query():
+    """Steps joined with their units, the columns an ExportRow is made of."""
+    return (
+        select(Step, Unit.serial, Unit.status.label("unit_status"), Unit.released_at)
+        .add_columns(Unit.finished_at.label("unit_finished_at"), Unit.branch)
+        .join(Unit, (Unit.line == Step.line) & (Unit.unit_id == Step.unit_id))
+    )
+
+
+def export_row(line: str, r) -> ExportRow:
+    step = _step(r)
+    return ExportRow(
+        line=line,
+        serial=r.serial,
+        unit_id=r.unit_id,
+        unit_status=r.unit_status,
+        released_at=r.released_at,
+        unit_finished_at=r.unit_finished_at,
+        branch=r.branch,
+        station=r.station,
+        slot=r.slot,
+        attempt=r.attempt,
+        seq=r.seq,
+        commanded_at=r.commanded_at,
+        accepted_at=r.accepted_at,
+        finished_at=r.finished_at,
+        duration_s=step.duration_s,
+        step_status=r.status,
+        result=r.result,
+        fault_code=r.fault_code,
+        plc_cycle_s=r.plc_cycle_s,
+    )

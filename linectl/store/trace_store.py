@@ -22,8 +22,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from linectl.errors import StoreError
-from linectl.store import reads
+from linectl.store import maintenance, reads
 from linectl.store.db import make_engine, mask, parse_url, scrub
+from linectl.store.maintenance import DbFigures
 from linectl.store.records import (
     DONE_RESULTS,
     EVENT_KINDS,
@@ -502,6 +503,10 @@ class TraceStore:
             until=None if until is None else _utc(until, "until"),
             limit=limit,
         )
+
+    async def figures(self) -> DbFigures:
+        """The database's size and its oldest stored step, for metrics (index lookups only)."""
+        return await self._read(maintenance.figures, self.line)
 
     async def export(self, page_size: int = 5_000) -> AsyncIterator[list[ExportRow]]:
         """Every step of the line joined with its unit, a page at a time."""

@@ -120,3 +120,54 @@ api: {{port: {api}}}
     down = next(e for e in lines if "unreachable" in e["msg"])
     assert down["level"] == "warning"
     assert down["logger"].startswith("linectl.drivers")
+
+
+def test_a_plc_that_stays_down_is_reminded_of_at_a_slowing_interval(caplog):
+    """An hour unreachable, a reconnect attempt every 0.2-0.4 s: one 'unreachable' line, then
+    reminders after about 1, 3, 7, 15, 31 minutes; one 'recovered' line when it is back."""
+    import contextlib
+
+    from linectl.config import parse_config
+    from linectl.drivers.inprocess import InProcessDriver
+    from tests.virtualtime import run_virtual
+
+    line = parse_config(
+        "line: r\nplcs:\n  p: {protocol: modbus, host: 127.0.0.1, port: 502, "
+        "backoff_initial_s: 0.2, backoff_max_s: 0.4}\n"
+        "stations:\n  a: {plc: p, address: 0, cycle_s: 1}\nflow: [a]\n"
+    )
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        driver = InProcessDriver("p", line.plcs["p"], dict(line.stations), lambda e: None)
+        driver.set_reachable(False)
+        task = asyncio.create_task(driver.run())
+        try:
+            await asyncio.sleep(3600)
+            driver.set_reachable(True)
+            async with asyncio.timeout(5):
+                await driver.wait_connected()
+            return loop.time()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level(logging.WARNING, logger="linectl.drivers"):
+        run_virtual(main)
+    said = [r for r in caplog.records if r.name == "linectl.drivers"]
+    texts = [r.getMessage() for r in said]
+    assert sum("unreachable:" in t and "after" not in t for t in texts) == 1
+    reminders = [t for t in texts if "still unreachable after" in t]
+    assert 5 <= len(reminders) <= 6, texts  # 1, 3, 7, 15, 31 (and 63 > 60) minutes
+    assert sum("recovered after" in t for t in texts) == 1
+    assert all(getattr(r, "plc", None) == "p" for r in said)
+
+
+def test_backoff_stays_at_its_maximum_through_thousands_of_attempts():
+    """A PLC down for days: the retry delay stays capped instead of overflowing a float."""
+    from linectl.drivers.base import Backoff
+
+    backoff = Backoff(0.2, 10.0, rng=lambda: 1.0)
+    delays = [backoff.next_delay() for _ in range(5000)]
+    assert delays[0] == 0.2 and delays[-1] == 10.0

@@ -80,7 +80,9 @@ class Backoff:
     rng: Callable[[], float] = field(default=random.random)
 
     def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * (2**self.attempt))
+        # The exponent is capped: 2**1024 overflows a float, which a PLC down for a few hours
+        # (a thousand attempts) would otherwise reach, and the driver would die of it.
+        ceiling = min(self.maximum, self.initial * (2 ** min(self.attempt, 64)))
         self.attempt += 1
         # Half fixed, half random: never zero (no hot loop), never synchronised across PLCs.
         return ceiling * (0.5 + 0.5 * self.rng())

@@ -31,6 +31,7 @@ from linectl.drivers.base import (
     StationViolation,
 )
 from linectl.errors import PlcConnectionLost, PlcError, PlcTimeout, ProtocolViolation
+from linectl.logpolicy import Reminder
 
 log = logging.getLogger("linectl.drivers")
 
@@ -65,6 +66,7 @@ class DriverCore(PlcDriver):
         self._heartbeat_at = 0.0
         self._consecutive_timeouts = 0
         self._down_since: float | None = None
+        self._reminder = Reminder()
         # Statistics.
         self._requests = 0
         self._errors = 0
@@ -145,7 +147,12 @@ class DriverCore(PlcDriver):
         now = self.now()
         self._connects += 1
         if self._down_since is not None:
-            log.warning("%s recovered after %.1f s", self.where, now - self._down_since)
+            log.warning(
+                "%s recovered after %.1f s",
+                self.where,
+                now - self._down_since,
+                extra={"plc": self.name},
+            )
             self._down_since = None
         elif self._connects == 1:
             log.info("%s connected", self.where)
@@ -161,11 +168,21 @@ class DriverCore(PlcDriver):
         detail = reason.removeprefix(f"{self.where}: ")
         if self._down_since is None:
             self._down_since = now
+            self._reminder.start(now)
             was_connected = self._connects > 0
             what = "connection lost" if was_connected else "unreachable"
-            log.warning("%s %s: %s", self.where, what, detail)
+            log.warning("%s %s: %s", self.where, what, detail, extra={"plc": self.name})
             if was_connected:
                 self._sink(ConnectionChange(self.name, False, reason, now))
+        elif self._reminder.due(now):
+            # Neither a line per attempt nor silence: again after 1 min, 2, 4 ... up to 1 h.
+            log.warning(
+                "%s still unreachable after %.0f s: %s",
+                self.where,
+                now - self._down_since,
+                detail,
+                extra={"plc": self.name},
+            )
         else:
             log.debug("%s still unreachable: %s", self.where, detail)
 

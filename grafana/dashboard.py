@@ -122,12 +122,14 @@ def panels() -> list[dict[str, Any]]:
     # a simulated line (time_scale 0.1) shows its plant throughput, not ten times it.
     scale = f"scalar(linectl_time_scale{{{L}}})"
     busy = (
-        f"rate(linectl_station_busy_seconds_total{{{L}}}[$__rate_interval])"
+        f"rate(linectl_station_busy_seconds_total{{{L}}}[$__rate_interval]) * {scale}"
         f" / on(line, station) linectl_station_capacity_units{{{L}}}"
     )
 
     def share(condition: str) -> str:
-        return f"rate(linectl_station_{condition}_seconds_total{{{L}}}[$__rate_interval])"
+        return (
+            f"rate(linectl_station_{condition}_seconds_total{{{L}}}[$__rate_interval]) * {scale}"
+        )
 
     def quantile(q: float, metric: str) -> str:
         return (
@@ -147,7 +149,7 @@ def panels() -> list[dict[str, Any]]:
             [
                 (f"{finished_rate} * {scale} * 3600", "measured"),
                 (
-                    f"linectl_predicted_throughput_units_per_second{{{L}}} * {scale} * 3600",
+                    f"linectl_predicted_throughput_units_per_second{{{L}}} * 3600",
                     "predicted",
                 ),
             ],
@@ -193,7 +195,7 @@ def panels() -> list[dict[str, Any]]:
             (0, 8, 8, 8),
             [
                 (f"1 / ({finished_rate} * {scale})", "measured"),
-                (f"linectl_predicted_interval_seconds{{{L}}} / {scale}", "predicted"),
+                (f"linectl_predicted_interval_seconds{{{L}}}", "predicted"),
             ],
             unit="s",
         ),

@@ -4,7 +4,7 @@ what ``analyze`` promised.
 Each config runs its bundled simulators (free ports) and a real supervisor in this process, on
 a throwaway SQLite trace store in a temporary directory, so the journal's commits cost what
 they cost in production. ``release.count`` units are released at time 0 into an empty line.
-Times are reported in config seconds: wall seconds divided by ``time_scale``.
+Times are reported in line (config) seconds, as the supervisor's statistics are.
 
 Definitions of the measured figures:
 
@@ -271,15 +271,16 @@ class Recorder:
 
 
 def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
-    """The measured figures of a closed run (module docstring), in config seconds."""
+    """The measured figures of a closed run (module docstring), in line seconds (the
+    supervisor's statistics are in line time already)."""
     final, stats = rec.final, rec.stats
     assert final is not None, "close() the recorder first"
-    scale = line.time_scale
+    scale = line.time_scale  # wall seconds per line second, for the CPU share only
     finished = len(rec.finish_times)
     if finished == 0:
         raise RuntimeError(f"line '{line.line}': no unit finished")
     first_release = min(f - lead for f, lead in zip(rec.finish_times, rec.lead_times, strict=True))
-    finish = tuple(sorted((t - first_release) / scale for t in rec.finish_times))
+    finish = tuple(sorted(t - first_release for t in rec.finish_times))
     skip = max(0, min(rec.skip, finished - 3))
     interval = fitted_interval(finish, skip) if finished - skip >= 2 else math.nan
     start = rec.start or final
@@ -302,7 +303,7 @@ def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
 
     utilization = share(lambda m: m.busy, per_slot=True)
     steps = end.cycles - start.cycles
-    leads = [t / scale for t in rec.lead_times]
+    leads = list(rec.lead_times)
     handovers = list(stats.handovers)
     return Measured(
         units=finished,
@@ -317,7 +318,7 @@ def figures(line: Line, rec: Recorder, *, wall_s: float) -> Measured:
         handover_p50_ms=percentile(handovers, 0.5) * 1000,
         handover_p99_ms=percentile(handovers, 0.99) * 1000,
         wall_s=wall_s,
-        cpu_share=(end.cpu - start.cpu) / span if span > 0 else math.nan,
+        cpu_share=(end.cpu - start.cpu) / (span * scale) if span > 0 else math.nan,
         cpu_us_per_step=(end.cpu - start.cpu) / steps * 1e6 if steps and span > 0 else math.nan,
         blocked=share(lambda m: m.blocked),
         starved=share(lambda m: m.starved),

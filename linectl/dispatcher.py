@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
+from linectl.clock import Clock
 from linectl.config import Line
 from linectl.contract import CmdStatus, Result, SlotStatus, State
 from linectl.events import EventHub, LineChanged, StationChanged, UnitChanged
@@ -55,9 +56,16 @@ class Dispatcher:
     """The line's state and every decision about it; the supervisor adds the I/O."""
 
     def __init__(
-        self, line: Line, *, journal: Journal | None = None, exit_when_done: bool = False
+        self,
+        line: Line,
+        *,
+        journal: Journal | None = None,
+        exit_when_done: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         self.line = line
+        # Simulated PLCs may run faster than life (time_scale); the engine sees line time only.
+        self.clock = clock or Clock(line.time_scale)
         self.flow: CompiledFlow = compile_flow(line)
         self.journal = journal or Journal()
         self.exit_when_done = exit_when_done
@@ -93,8 +101,6 @@ class Dispatcher:
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
-        self._t0 = 0.0
-        self._wall0 = 0.0
         self._last_release = -float("inf")
         self._wake: asyncio.TimerHandle | None = None
         # Per dispatch pass and number of moves made in it, what routes look like; a route's
@@ -122,11 +128,10 @@ class Dispatcher:
     # --- clocks -----------------------------------------------------------------------
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self.clock.now()
 
     def wall(self, t: float | None = None) -> datetime:
-        t = self.now() if t is None else t
-        return datetime.fromtimestamp(self._wall0 + (t - self._t0), UTC)
+        return self.clock.wall(t)
 
     # --- a slot's status --------------------------------------------------------------
 
@@ -182,9 +187,8 @@ class Dispatcher:
         st.consecutive_faults = 0
         if status.cycle_time_ms:
             st.observe_cycle(status.cycle_time_ms / 1000)
-            st.cycle_hist.observe(
-                status.cycle_time_ms / 1000 * self.line.time_scale, unit.serial
-            )
+            # The PLC's own measurement, in its (the line's) seconds.
+            st.cycle_hist.observe(status.cycle_time_ms / 1000, unit.serial)
         rejected = status.result == Result.REJECT
         if rejected:
             st.rejected += 1
@@ -310,7 +314,7 @@ class Dispatcher:
     def _reset_backoff(self, st: StationState) -> float:
         retry = self.line.retry
         n = max(st.consecutive_faults, 1)
-        return min(retry.backoff_s * 2 ** (n - 1), retry.backoff_max_s) * self.line.time_scale
+        return min(retry.backoff_s * 2 ** (n - 1), retry.backoff_max_s)
 
     def _vacate(self, tok: Token) -> None:
         """The token leaves its slot: the PLC is owed a RESET to hand the slot back."""
@@ -331,7 +335,7 @@ class Dispatcher:
         unit.finished_at = at
         del self.units[unit.id]
         self.finished += 1
-        self.finish_times.append(at - self._t0)
+        self.finish_times.append(at)
         self.lead_times.append(at - unit.released_at)
         self.lead_hist.observe(at - unit.released_at, unit.serial)
         self.journal.unit_finished(unit.id, self.wall(at))
@@ -451,12 +455,12 @@ class Dispatcher:
             self._release(now)
         interval = self.line.release.interval_s
         if interval and not self.paused and self._release_left():
-            next_wake = min(next_wake, self._last_release + interval * self.line.time_scale)
+            next_wake = min(next_wake, self._last_release + interval)
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
         if next_wake < float("inf"):
-            self._wake = asyncio.get_running_loop().call_at(next_wake, self._kick.set)
+            self._wake = self.clock.call_at(next_wake, self._kick.set)
         self._publish(now)
         if self.on_event is not None:
             self.on_event()
@@ -468,7 +472,7 @@ class Dispatcher:
             station = next((t.station for t in unit.tokens if t.station), "")
             self.events.publish(
                 UnitChanged(
-                    kind, unit.id, unit.serial, station, reason, at - self._t0, self.wall(at)
+                    kind, unit.id, unit.serial, station, reason, at, self.wall(at)
                 )
             )
 
@@ -478,7 +482,7 @@ class Dispatcher:
             self._touched.clear()
             return
         wall = self.wall(now)
-        at = now - self._t0
+        at = now
         for st in self._touched:
             status = st.slots[0].status
             state = status.state if status is not None else State.UNDEFINED
@@ -524,7 +528,7 @@ class Dispatcher:
         if len(self.units) >= self.max_wip:
             return False
         interval = self.line.release.interval_s
-        if interval and now < self._last_release + interval * self.line.time_scale:
+        if interval and now < self._last_release + interval:
             return False
         return self._can_enter(self.flow.root.steps[0])
 
@@ -672,8 +676,9 @@ class Dispatcher:
         if tok.ready_at:
             # From the moment it could move (done, and this slot free): the controller's own
             # latency, not the time the unit spent blocked waiting for room.
-            self.handovers.append(self.now() - tok.ready_at)
-            self.handover_hist.observe(self.now() - tok.ready_at)
+            latency = self.clock.real_seconds(self.now() - tok.ready_at)
+            self.handovers.append(latency)
+            self.handover_hist.observe(latency)
         if previous is not None:
             previous.busy = False
             previous.needs_reset = True
@@ -691,7 +696,7 @@ class Dispatcher:
         slot.refusals += 1
         retry = self.line.retry
         backoff = min(retry.backoff_s * 2 ** (slot.refusals - 1), retry.backoff_max_s)
-        slot.held_until = self.now() + backoff * self.line.time_scale
+        slot.held_until = self.now() + backoff
         self._held[slot] = None
         tok.phase = Phase.DONE if previous is not None else Phase.WAITING
         tok.slot = previous
@@ -770,11 +775,11 @@ class Dispatcher:
     def statistics(self) -> SupervisorStatistics:
         now = self.now()
         stations = {}
-        started = bool(self._t0)  # before run() there is no clock to read
+        started = self.clock.started
         for name, st in self.stations.items():
             if started:
                 st.account(now)
-            elapsed = max(now - self._t0, 1e-9)
+            elapsed = max(now, 1e-9)
             stations[name] = StationStatistics(
                 name=name,
                 plc=st.plc,
@@ -799,7 +804,7 @@ class Dispatcher:
             )
         return SupervisorStatistics(
             line=self.line.line,
-            elapsed_s=now - self._t0 if started else 0.0,
+            elapsed_s=now,
             released=self.released,
             finished=self.finished,
             rejected=self.rejected,

@@ -81,7 +81,7 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def station_oee(st: StationStatistics, time_scale: float) -> Oee:
+def station_oee(st: StationStatistics) -> Oee:
     """One station's OEE since the supervisor started (docs/metrics.md, "OEE").
 
     Planned time is the time in service; faulted and disconnected time are the availability
@@ -90,7 +90,7 @@ def station_oee(st: StationStatistics, time_scale: float) -> Oee:
     planned = sum(st.seconds.values()) - st.seconds[Condition.OUT_OF_SERVICE]
     run = planned - sum(st.seconds[c] for c in DOWN)
     total = st.passed + st.rejected
-    ideal = st.cycle_s * time_scale / st.capacity  # wall seconds per unit at nominal speed
+    ideal = st.cycle_s / st.capacity  # line seconds per unit at nominal speed
     return Oee(
         availability=_ratio(run, planned),
         performance=_ratio(ideal * total, run),
@@ -103,7 +103,7 @@ def constraint_of(analysis: Analysis) -> str:
     return max(analysis.stations, key=lambda name: analysis.stations[name].utilization)
 
 
-def line_oee(stats: SupervisorStatistics, analysis: Analysis, time_scale: float) -> Oee:
+def line_oee(stats: SupervisorStatistics, analysis: Analysis) -> Oee:
     """The line's OEE since the supervisor started: measured against the predicted interval.
 
     Planned time is the time since start; the line is down while its constraint station is
@@ -118,7 +118,7 @@ def line_oee(stats: SupervisorStatistics, analysis: Analysis, time_scale: float)
     total = stats.finished + stats.rejected
     return Oee(
         availability=_ratio(run, planned),
-        performance=_ratio(analysis.interval_s * time_scale * total, run),
+        performance=_ratio(analysis.interval_s * total, run),
         quality=_ratio(stats.finished, total),
     )
 
@@ -228,21 +228,21 @@ class LineCollector(Collector):
 
         yield gauge(
             "predicted_interval_seconds",
-            "Predicted time between finished units at nominal cycle times, in wall seconds.",
-            a.interval_s * scale,
+            "Predicted time between finished units at nominal cycle times, in line seconds.",
+            a.interval_s,
         )
         yield gauge(
             "predicted_throughput_units_per_second",
-            "Predicted finished units per wall second at nominal cycle times.",
-            1 / (a.interval_s * scale),
+            "Predicted finished units per line second at nominal cycle times.",
+            1 / a.interval_s,
         )
         yield gauge(
             "predicted_lead_time_seconds",
-            "Predicted time one unit spends in an empty line, in wall seconds.",
-            a.lead_time_s * scale,
+            "Predicted time one unit spends in an empty line, in line seconds.",
+            a.lead_time_s,
         )
 
-        oee = line_oee(stats, a, scale)
+        oee = line_oee(stats, a)
         yield gauge("line_oee_ratio", "Line OEE since start (docs/metrics.md).", oee.oee)
         yield gauge("line_availability_ratio", "Line OEE availability factor.", oee.availability)
         yield gauge("line_performance_ratio", "Line OEE performance factor.", oee.performance)
@@ -298,7 +298,7 @@ class LineCollector(Collector):
         yield active
 
     def _stations(self, stats: SupervisorStatistics) -> Iterator[Metric]:
-        line, scale = stats.line, self.line.time_scale
+        line = stats.line
         labels = ["line", "station"]
         rows = list(stats.stations.values())
 
@@ -351,8 +351,8 @@ class LineCollector(Collector):
         yield family(
             G,
             "station_ideal_cycle_seconds",
-            "Nominal cycle_s × time_scale / capacity: wall seconds per unit at full speed.",
-            lambda s: s.cycle_s * scale / s.capacity,
+            "Nominal cycle_s / capacity: line seconds per unit at full speed.",
+            lambda s: s.cycle_s / s.capacity,
         )
 
         cycles = CounterMetricFamily(
@@ -367,12 +367,12 @@ class LineCollector(Collector):
 
         yield _histogram(
             "station_cycle_seconds",
-            "Cycle times the PLC measured, in wall seconds.",
+            "Cycle times the PLC measured, in its own (line) seconds.",
             labels,
             [([line, st.name], st.cycle_seconds) for st in rows],
         )
 
-        factors = {st.name: station_oee(st, scale) for st in rows}
+        factors = {st.name: station_oee(st) for st in rows}
         for name, doc, pick in (
             ("station_oee_ratio", "Station OEE since start.", lambda o: o.oee),
             ("station_availability_ratio", "Station OEE availability.", lambda o: o.availability),

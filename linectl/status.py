@@ -60,8 +60,8 @@ def render(
         f"   quarantined {stats.quarantined}",
         ("   PAUSED" if stats.paused else "", "bold yellow"),
     )
-    # Rates in config time, so they read like the plant's own numbers whatever time_scale.
-    measured = "-" if rate is None else f"{rate * scale:,.1f}"
+    # Statistics are in line time, so rates read like the plant's own whatever time_scale.
+    measured = "-" if rate is None else f"{rate:,.1f}"
     pace = Text(f"units/h {measured} (predicted {predicted_per_h:,.1f})   time scale {scale:g}")
     table = Table(box=None, pad_edge=False)
     for column in (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from linectl.config import Line
@@ -58,10 +57,9 @@ class Supervisor(Dispatcher):
     # --- life cycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._t0, self._wall0 = loop.time(), time.time()
+        self.clock.start()
         for st in self.stations.values():
-            st.since = self._t0
+            st.since = 0.0
         for name, plc in self.line.plcs.items():
             on_plc = {n: s for n, s in self.line.stations.items() if s.plc == name}
             self._drivers[name] = self._driver_factory(name, plc, on_plc, self._on_driver_event)
@@ -116,28 +114,29 @@ class Supervisor(Dispatcher):
     # --- events from drivers ----------------------------------------------------------
 
     def _on_driver_event(self, event: DriverEvent) -> None:
+        at = self.clock.of_loop(event.at)  # drivers stamp events with the loop's clock
         if isinstance(event, SlotUpdate):
             st = self.stations[event.station]
             # A driver reports a violation once and then withholds the slot until its values
             # are back in the contract, so any update means the station is trustworthy again.
             st.violation = ""
-            self._on_slot(st.slots[event.slot], event.status, event.at)
+            self._on_slot(st.slots[event.slot], event.status, at)
             st.last_state = st.slots[0].status.state if st.slots[0].status else State.UNDEFINED
         elif isinstance(event, ConnectionChange):
             for st in self.stations.values():
                 if st.plc == event.plc:
                     st.connected = event.connected
-                    st.account(event.at)
+                    st.account(at)
                     kind = "connection_restored" if event.connected else "connection_lost"
                     self.journal.station_event(
-                        st.name, kind, self.wall(event.at), None, event.reason
+                        st.name, kind, self.wall(at), None, event.reason
                     )
         elif isinstance(event, StationViolation):
             st = self.stations[event.station]
             st.violation = str(event.error)
-            st.account(event.at)
+            st.account(at)
             self.journal.station_event(
-                st.name, "violation", self.wall(event.at), None, str(event.error)
+                st.name, "violation", self.wall(at), None, str(event.error)
             )
         self._changed()
 
@@ -235,7 +234,7 @@ class Supervisor(Dispatcher):
         wall_now = self.wall(now)
         await self._restore_operator_state(store)
         for rec in await store.open_units():
-            released = now - (wall_now - rec.released_at).total_seconds()
+            released = self.clock.of_wall(rec.released_at)
             unit = Unit(rec.unit_id, rec.serial, released)
             self.recovered += 1
             try:

@@ -103,8 +103,8 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
     assert value("linectl_units_rejected_total") == stats.rejected
     assert value("linectl_wip_units") == 0
     assert value("linectl_station_capacity_units", station="b") == 2
-    assert value("linectl_station_ideal_cycle_seconds", station="b") == pytest.approx(0.01)
-    assert value("linectl_predicted_interval_seconds") == pytest.approx(0.01)
+    assert value("linectl_station_ideal_cycle_seconds", station="b") == pytest.approx(1.0)
+    assert value("linectl_predicted_interval_seconds") == pytest.approx(1.0)
     assert value("linectl_station_cycles_total", station="a", result="reject") == stats.rejected
     assert value("linectl_station_cycles_total", station="b", result="pass") == finished
 
@@ -192,7 +192,7 @@ def station(seconds: dict[Condition, float], passed: int, rejected: int, **kw) -
 
 def test_station_oee_excludes_out_of_service_and_charges_faults_to_availability():
     """100 s in service, 20 s of it faulted or disconnected: availability 0.8. Starved time is
-    run time, so 6 units of 1 s ideal (10 s × time_scale 0.1) in 80 s run: performance 0.075.
+    run time, so 6 units of 1 s ideal in 80 s run: performance 0.075.
     5 of 6 passed: quality 5/6."""
     st = station(
         {
@@ -204,8 +204,9 @@ def test_station_oee_excludes_out_of_service_and_charges_faults_to_availability(
         },
         passed=5,
         rejected=1,
+        cycle_s=1.0,
     )
-    oee = station_oee(st, time_scale=0.1)
+    oee = station_oee(st)
     assert oee.availability == pytest.approx(0.8)
     assert oee.performance == pytest.approx(6 * 1.0 / 80)
     assert oee.quality == pytest.approx(5 / 6)
@@ -213,23 +214,23 @@ def test_station_oee_excludes_out_of_service_and_charges_faults_to_availability(
 
 
 def test_a_station_that_never_ran_has_oee_zero_not_a_division_error():
-    oee = station_oee(station({}, 0, 0), time_scale=1.0)
+    oee = station_oee(station({}, 0, 0))
     assert (oee.availability, oee.performance, oee.quality, oee.oee) == (0, 0, 0, 0)
 
 
 def test_line_oee_is_finished_units_times_the_predicted_interval_over_time():
     """The line's OEE is measured throughput over predicted throughput: 30 units in 100 s
-    against one per 2 s (cycle 20 s × time_scale 0.1) is 0.6."""
+    against one per 2 s (cycle 2 s; time_scale changes nothing: all in line time) is 0.6."""
     line = parse_config(
         "line: l\ntime_scale: 0.1\nplcs: {p: {protocol: modbus, host: 127.0.0.1, port: 1}}\n"
-        "stations: {a: {plc: p, address: 0, cycle_s: 20}}\nflow: [a]\n"
+        "stations: {a: {plc: p, address: 0, cycle_s: 2}}\nflow: [a]\n"
     )
-    st = station({Condition.WORKING: 90.0, Condition.FAULTED: 10.0}, 30, 3, cycle_s=20.0)
+    st = station({Condition.WORKING: 90.0, Condition.FAULTED: 10.0}, 30, 3, cycle_s=2.0)
     hist = Histogram().snapshot()
     stats = SupervisorStatistics(
         "l", 100.0, 33, 30, 3, 3, 0, False, {"a": st}, (), (), (), hist, hist, 3
     )
-    oee = line_oee(stats, analyze(line), line.time_scale)
+    oee = line_oee(stats, analyze(line))
     assert oee.availability == pytest.approx(0.9)
     assert oee.performance == pytest.approx(33 * 2.0 / 90)
     assert oee.quality == pytest.approx(30 / 33)

@@ -191,12 +191,16 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                     empty.append(f"{title}: {expr}")
             assert not empty, "queries without data:\n" + "\n".join(empty)
 
-            rate = f'sum(rate(linectl_units_finished_total{{line="demo"}}[{RATE_WINDOW}]))'
+            # Per line second, as the dashboard shows it: rate() is per wall second.
+            rate = (
+                f'sum(rate(linectl_units_finished_total{{line="demo"}}[{RATE_WINDOW}]))'
+                ' * scalar(linectl_time_scale{line="demo"})'
+            )
             (measured,) = await prometheus.values(rate)
             (predicted,) = await prometheus.values(
                 'linectl_predicted_throughput_units_per_second{line="demo"}'
             )
-            assert predicted == pytest.approx(2.0)  # test: 2 slots × 20 s × 0.05 → 0.5 s
+            assert predicted == pytest.approx(0.1)  # test: 2 slots × 20 s → one per 10 s
             assert 0.5 * predicted <= measured <= 1.5 * predicted, (measured, predicted)
             (oee,) = await prometheus.values('linectl_line_oee_ratio{line="demo"}')
             assert 0 < oee <= 1

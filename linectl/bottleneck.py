@@ -151,7 +151,8 @@ class ConstraintMonitor:
         scale = sup.line.time_scale
         self.sup = sup
         self.period_s = period_s * scale
-        self.tracker = ConstraintTracker(window_s * scale, margin)
+        # Statistics are in line time already; only the sampling sleep is on the loop's clock.
+        self.tracker = ConstraintTracker(window_s, margin)
         self.on_move = on_move
 
     @property

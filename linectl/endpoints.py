@@ -5,10 +5,13 @@ aiohttp, with the limits a server on a plant network needs.
 within these rules; ``Endpoint`` serves it on one address. docs/security.md says what is
 refused and why:
 
-- at most ``Limits.max_connections`` open connections. When full, a new connection closes the
-  oldest one that has not sent a complete request head yet; when every one is busy with a
-  request, the new one gets a 503 and is closed. One log line when the endpoint fills up, one
-  when it drains, and counters (``statistics()``) in between: never a line per connection.
+- at most ``Limits.max_connections`` open connections, and no more than an eighth of the
+  process's file limit (the PLC connections and the store need the rest). When full, a new
+  connection closes the oldest one that has not sent a complete request head yet; when every
+  one is busy with a request, the new one gets a 503 and is closed. One log line when the
+  endpoint fills up, one when it drains, and counters (``statistics()``) in between: never a
+  line per connection. When the process runs out of descriptors anyway, asyncio's accept
+  error (a traceback each second per socket) becomes one line a minute.
 - a request head must arrive within ``header_timeout_s`` of the connect (slowloris), a body
   within ``body_timeout_s``; bodies are limited to ``max_body`` bytes and JSON to
   ``max_json_depth`` levels of nesting (checked before parsing, so no RecursionError).
@@ -32,12 +35,15 @@ import json
 import logging
 import os
 import re
+import resource
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 from yarl import URL
+
+from linectl.connections import OUT_OF_DESCRIPTORS, Connection
 
 log = logging.getLogger("linectl.endpoints")
 
@@ -52,6 +58,9 @@ class Limits:
     body_timeout_s: float = 10.0  # from the head to the end of the body
     max_body: int = 64 * 1024
     max_json_depth: int = 32
+    # The listen backlog, which is also how many connections asyncio accepts in one go: each
+    # holds a descriptor until the next loop iteration even when it is closed at once.
+    backlog: int = 16
     max_line: int = 8190  # request line and each header line
     max_headers: int = 64
     stop_timeout_s: float = 2.0  # handlers still running this long after stop() are cancelled
@@ -248,75 +257,6 @@ def make_app(limits: Limits = Limits(), token: str | None = None) -> web.Applica
     return app
 
 
-class _Connection(asyncio.Protocol):
-    """aiohttp's protocol for one connection, counted, with a deadline for the request head."""
-
-    def __init__(self, endpoint: Endpoint, inner: asyncio.Protocol | None) -> None:
-        self.endpoint = endpoint
-        self.inner = inner  # None: refused, answered 503
-        self.transport: asyncio.Transport | None = None
-        self.started = False  # a complete request head arrived
-        self.doomed = False  # evicted before connection_made
-        self.deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        if self.inner is None:
-            transport.write(_BUSY)
-            transport.close()
-            return
-        if self.doomed:
-            transport.abort()
-            return
-        self.endpoint._by_transport[transport] = self
-        self.deadline = asyncio.get_running_loop().call_later(
-            self.endpoint.limits.header_timeout_s, self._late
-        )
-        self.inner.connection_made(transport)
-
-    def _late(self) -> None:
-        self.deadline = None
-        if not self.started and self.transport is not None:
-            self.endpoint._timed_out += 1
-            self.transport.abort()
-
-    def close(self) -> None:
-        if self.transport is None:
-            self.doomed = True
-        else:
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-        self.endpoint._forget(self)
-        if self.inner is not None and self.transport is not None and not self.doomed:
-            self.inner.connection_lost(exc)
-
-
-_BUSY_BODY = b'{"error": "too many connections; try again"}\n'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_BUSY_BODY)
-) + _BUSY_BODY
-
-
 class Endpoint:
     """Serves ``app`` on ``host``:``port`` (port 0: a free one, see ``port``) within ``limits``.
 
@@ -341,10 +281,13 @@ class Endpoint:
         self._names = {h.lower().rstrip(".") for h in (host, *allowed_hosts)}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        self._conns: dict[_Connection, None] = {}  # in accept order, oldest first
-        self._by_transport: dict[asyncio.BaseTransport, _Connection] = {}
+        self._conns: dict[Connection, None] = {}  # in accept order, oldest first
+        self._by_transport: dict[asyncio.BaseTransport, Connection] = {}
         self._bound: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
         self._full = False
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        share = soft // 8 if soft != resource.RLIM_INFINITY else self.limits.max_connections
+        self.max_connections = max(4, min(self.limits.max_connections, share))
         self._accepted = self._refused = self._evicted = self._timed_out = self._rejected = 0
 
     @property
@@ -388,9 +331,12 @@ class Endpoint:
             lingering_time=1.0,
         )
         await runner.setup()
+        asyncio_log = logging.getLogger("asyncio")
+        if OUT_OF_DESCRIPTORS not in asyncio_log.filters:
+            asyncio_log.addFilter(OUT_OF_DESCRIPTORS)
         try:
             self._server = await asyncio.get_running_loop().create_server(
-                self._accept, self.host, self._want_port
+                self._accept, self.host, self._want_port, backlog=limits.backlog
             )
         except OSError as exc:
             await runner.cleanup()
@@ -453,17 +399,17 @@ class Endpoint:
 
     def _accept(self) -> asyncio.Protocol:
         assert self._runner is not None and self._runner.server is not None
-        if len(self._conns) >= self.limits.max_connections:
+        if len(self._conns) >= self.max_connections:
             victim = next((c for c in self._conns if not c.started), None)
             self._note_full()
             if victim is None:
                 self._refused += 1
-                return _Connection(self, None)
+                return Connection(self, None)
             self._evicted += 1
             self._conns.pop(victim)
             victim.close()
         self._accepted += 1
-        conn = _Connection(self, self._runner.server())
+        conn = Connection(self, self._runner.server())
         self._conns[conn] = None
         return conn
 
@@ -472,11 +418,11 @@ class Endpoint:
         if conn is not None:
             conn.started = True
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: Connection) -> None:
         self._conns.pop(conn, None)
         if conn.transport is not None:
             self._by_transport.pop(conn.transport, None)
-        if self._full and len(self._conns) <= self.limits.max_connections // 2:
+        if self._full and len(self._conns) <= self.max_connections // 2:
             self._full = False
             log.warning(
                 "%s: back under its connection limit; %d evicted idle, %d refused busy, "
@@ -494,5 +440,5 @@ class Endpoint:
                 "%s: %d connections open (the limit): closing the oldest idle ones, "
                 "refusing new ones while every one is busy",
                 self.name,
-                self.limits.max_connections,
+                self.max_connections,
             )

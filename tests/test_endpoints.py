@@ -330,3 +330,32 @@ plcs: {p: {protocol: modbus, host: 127.0.0.1}}
 stations: {s: {plc: p, address: 0, cycle_s: 1}}
 flow: [s]
 """
+
+
+async def test_an_endpoint_takes_at_most_an_eighth_of_the_file_limit():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard))
+    try:
+        assert Endpoint(make_app()).max_connections == 20
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert Endpoint(make_app(Limits(max_connections=8))).max_connections == 8
+
+
+async def test_asyncio_accept_errors_for_lack_of_descriptors_are_one_line_a_minute(caplog):
+    async with Endpoint(make_app()):  # installs the filter on asyncio's logger
+        loop = asyncio.get_running_loop()
+        for _ in range(50):  # what asyncio's accept loop reports, each second per socket
+            loop.call_exception_handler(
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(24, "Too many open files"),
+                }
+            )
+    mine = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(mine) <= 1  # the first of this minute, unless an earlier test logged one
+    assert not [r for r in mine if r.exc_info or "Traceback" in r.getMessage()]
+    for r in mine:
+        assert r.getMessage().startswith("out of file descriptors accepting an HTTP connection")

@@ -135,18 +135,21 @@ class OperatorApi:
 
     async def pause(self, request: web.Request) -> web.Response:
         await read_body(request, NoBody)
-        self.sup.pause(True)
+        self.sup.pause(True, _who(request))
+        await self.sup.wait_durable()
         return json_response({"paused": True})
 
     async def resume(self, request: web.Request) -> web.Response:
         await read_body(request, NoBody)
-        self.sup.pause(False)
+        self.sup.pause(False, _who(request))
+        await self.sup.wait_durable()
         return json_response({"paused": False})
 
     async def station(self, request: web.Request) -> web.Response:
         body = await read_body(request, StationBody)
         name = self._station(body.station)
-        self.sup.set_in_service(name, body.in_service)
+        self.sup.set_in_service(name, body.in_service, _who(request))
+        await self.sup.wait_durable()
         return json_response({"station": name, "in_service": body.in_service})
 
     async def branch(self, request: web.Request) -> web.Response:
@@ -159,7 +162,8 @@ class OperatorApi:
         route, b = found
         stations = route.branches[b].stations()
         for st in stations:
-            self.sup.set_in_service(st, body.in_service)
+            self.sup.set_in_service(st, body.in_service, _who(request))
+        await self.sup.wait_durable()
         return json_response({"stations": stations, "in_service": body.in_service})
 
     async def release(self, request: web.Request) -> web.Response:
@@ -168,10 +172,16 @@ class OperatorApi:
         if unit is None:
             raise HttpError(404, f"no quarantined unit {serial!r}")
         try:
-            self.sup.release_quarantined(unit.id)
+            self.sup.release_quarantined(unit.id, _who(request))
         except ValueError as exc:
             raise HttpError(409, str(exc)) from None
+        await self.sup.wait_durable()
         return json_response({"released": serial})
+
+
+def _who(request: web.Request) -> str:
+    """How the journal names who acted: the API and the peer's address."""
+    return f"api {request.remote or '?'}"
 
 
 async def serve_api(

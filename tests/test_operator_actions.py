@@ -175,3 +175,30 @@ async def test_a_capacity_cut_under_a_unit_in_the_line_quarantines_it_with_the_r
             (unit,) = sup.quarantined.values()
             assert "slot 1 of 'z', which now has capacity 1" in unit.reason
             assert len(sup.units) == 1
+
+
+async def test_the_api_answers_an_action_only_once_it_is_journalled(tmp_path):
+    """When ctl says a station is drained, the drain is in the trace store: a controller
+    killed right after the answer still finds the station drained when it restarts."""
+    from linectl.api import serve_api
+    from tests.test_api import call
+
+    url = f"sqlite:///{tmp_path / 't.sqlite3'}"
+    line = make_line({"a": "cycle_s: 1"}, "[a]", extra="release: {count: 1}\napi: {port: 0}")
+    async with SimLine(parse_config(line), free_ports=True, heartbeat_period_s=0.05) as sim:
+        async with supervisor(sim.line, url) as sup:
+            api = await serve_api(sup, sim.line)
+            try:
+                status, _ = await asyncio.to_thread(
+                    call, api.port, "POST", "/station", {"station": "a", "in_service": False}
+                )
+                assert status == 200
+                # Read through a second connection, as the next controller would.
+                async with await TraceStore.open(url, "t") as other:
+                    actions = await other.operator_actions()
+                    state = await other.operator_state()
+            finally:
+                await api.stop()
+    assert [(a.action, a.target) for a in actions] == [("out_of_service", "a")]
+    assert actions[0].detail.startswith("api ")
+    assert state.out_of_service == frozenset({"a"})

@@ -53,9 +53,11 @@ async def _endpoints(
         if api:
             from linectl.api import serve_api
 
-            server = await serve_api(sup, line)
-            stack.push_async_callback(server.stop)
-            where.append(f"operator api http://{line.api.host}:{server.port}/")
+            api_server = await serve_api(sup, line)
+            stack.push_async_callback(api_server.stop)
+            where.append(f"operator api http://{line.api.host}:{api_server.port}/")
+            if metrics:
+                server.watch(api_server.http)
         yield where
 
 

@@ -158,6 +158,7 @@ class LineCollector(Collector):
         self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
         self.constraint = constraint
         self.db: Any = None  # the store's latest DbFigures, refreshed by MetricsServer
+        self.endpoints: list[Any] = []  # linectl.endpoints.Endpoint: their statistics()
 
     def describe(self) -> Iterable[Metric]:
         # Without this, registering would call collect() off the loop to learn the names.
@@ -173,6 +174,7 @@ class LineCollector(Collector):
         if self.northbound is not None:
             yield from _northbound(stats.line, self.northbound.statistics())
         yield from self._database(stats.line)
+        yield from _http(stats.line, [e.statistics() for e in self.endpoints])
 
     def _database(self, line: str) -> Iterator[Metric]:
         if self.db is None:
@@ -485,6 +487,31 @@ def _northbound(line: str, nb: Any) -> Iterator[Metric]:
         yield dropped
 
 
+def _http(line: str, endpoints: list[Any]) -> Iterator[Metric]:
+    """What each HTTP endpoint refused (linectl.endpoints, docs/security.md)."""
+    open_ = GaugeMetricFamily(
+        PREFIX + "http_connections", "Open connections.", labels=["line", "endpoint"]
+    )
+    closed = CounterMetricFamily(
+        PREFIX + "http_connections_closed",
+        "Connections the endpoint closed itself: evicted (idle, to make room), refused (every "
+        "one busy: 503) or timed_out (no request head in time).",
+        labels=["line", "endpoint", "reason"],
+    )
+    rejected = CounterMetricFamily(
+        PREFIX + "http_requests_rejected",
+        "Requests refused by the rules: Host, Origin, Content-Type, size, depth, deadline.",
+        labels=["line", "endpoint"],
+    )
+    for e in endpoints:
+        open_.add_metric([line, e.name], e.connections)
+        for reason in ("evicted", "refused", "timed_out"):
+            closed.add_metric([line, e.name, reason], getattr(e, reason))
+        rejected.add_metric([line, e.name], e.rejected)
+    if endpoints:
+        yield from (open_, closed, rejected)
+
+
 class MetricsServer:
     """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
 
@@ -507,6 +534,11 @@ class MetricsServer:
             self.app, host, port, name="metrics", allowed_hosts=line.metrics.allowed_hosts
         )
         self._store = store  # a TraceStore: its figures() are database size and history
+        self.watch(self.http)
+
+    def watch(self, endpoint: Any) -> None:
+        """Export ``endpoint``'s connection counters (``linectl_http_*``) too."""
+        self.collector.endpoints.append(endpoint)
         self._db_read_at = -DB_FIGURES_EVERY_S
 
     @property

@@ -70,7 +70,11 @@ async def test_a_scrape_exposes_the_line_stations_and_plcs_with_only_the_allowed
             await server.stop()
         stats = run.sup.statistics()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    extra = {"linectl_plc_": {"plc"}, "linectl_line_bottleneck": {"predicted", "shifting"}}
+    extra = {
+        "linectl_plc_": {"plc"},
+        "linectl_line_bottleneck": {"predicted", "shifting"},
+        "linectl_http_": {"endpoint", "reason"},
+    }
     for family in families.values():
         assert family.name.startswith("linectl_"), family.name
         for sample in family.samples:
@@ -235,3 +239,27 @@ def test_line_oee_is_finished_units_times_the_predicted_interval_over_time():
     assert oee.performance == pytest.approx(33 * 2.0 / 90)
     assert oee.quality == pytest.approx(30 / 33)
     assert oee.oee == pytest.approx(30 * 2.0 / 100)
+
+
+async def test_the_endpoints_refusals_are_counted_on_metrics():
+    async with running_line(LINE, drain_timeout_s=1.0) as run:
+        server = await serve_metrics(run.sup, run.sim.line, port=0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            async with asyncio.timeout(5):
+                assert (await reader.read()).startswith(b"HTTP/1.1 421")
+            writer.close()
+            text = await scrape(server.port)
+        finally:
+            await server.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    labels = (("endpoint", "metrics"), ("line", "m"))
+    assert samples[("linectl_http_requests_rejected_total", labels)] == 1
+    assert samples[("linectl_http_connections", labels)] == 1  # this scrape
+    evicted = (("endpoint", "metrics"), ("line", "m"), ("reason", "evicted"))
+    assert samples[("linectl_http_connections_closed_total", evicted)] == 0

@@ -14,7 +14,10 @@ Other modules add routes (the web line view: ``GET /``, ``/static/*``, ``/events
 
 ``serve_api(sup, line, extend=add_view_routes)`` does the same: ``extend(api)`` is called
 before the endpoint starts. Added routes run under the same rules (Host, limits, and for
-anything but GET/HEAD/OPTIONS: JSON only, no foreign Origin, the token).
+anything but GET/HEAD/OPTIONS: JSON only, no foreign Origin, the token). A streaming handler
+(server-sent events) catches ``ConnectionResetError`` when its client goes away (else aiohttp
+logs a traceback), and ends on ``app.on_shutdown``; one still running 2 s after ``stop()`` is
+cancelled. tests/test_endpoints.py has one such stream.
 """
 
 from __future__ import annotations

@@ -359,3 +359,53 @@ async def test_asyncio_accept_errors_for_lack_of_descriptors_are_one_line_a_minu
     assert not [r for r in mine if r.exc_info or "Traceback" in r.getMessage()]
     for r in mine:
         assert r.getMessage().startswith("out of file descriptors accepting an HTTP connection")
+
+
+async def test_a_stream_outlives_the_head_deadline_and_stop_ends_it():
+    """A server-sent event stream (the web view's /events) is one long request: the head
+    deadline does not cut it, it holds no slot an idle connection could take, and stop() ends
+    it within the stop deadline."""
+    sent = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(1000):
+                await response.write(f"data: {i}\n\n".encode())
+                if i == 3:
+                    sent.set()
+                await asyncio.sleep(0.1)
+        except ConnectionResetError:
+            pass  # the client went away (aiohttp's ClientConnectionResetError is one)
+        return response
+
+    limits = Limits(header_timeout_s=0.2, stop_timeout_s=0.5, max_connections=4)
+    app = make_app(limits)
+    app.router.add_get("/events", events)
+    srv = Endpoint(app)
+    await srv.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request("GET", "/events"))
+        async with asyncio.timeout(5):
+            await sent.wait()
+            got = b""
+            while b"data: 6" not in got:  # 0.6 s in: three head deadlines later
+                got += await reader.read(100)
+        idle = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(10)]
+        await eventually(
+            lambda: srv.statistics().evicted + srv.statistics().timed_out == 10,
+            what="the idle connections closed, never the stream",
+        )
+        for _, w in idle:
+            w.close()
+        async with asyncio.timeout(5):
+            while b"data: 12" not in got:  # still streaming
+                got += await reader.read(100)
+            await srv.stop()
+            while await reader.read(1000):
+                pass
+    finally:
+        writer.close()
+        await srv.stop()

@@ -29,7 +29,15 @@ from collections.abc import Callable
 from aiohttp import web
 
 from linectl.config import Line
-from linectl.endpoints import Body, Endpoint, HttpError, json_response, make_app, read_body
+from linectl.endpoints import (
+    Body,
+    Endpoint,
+    HttpError,
+    Served,
+    json_response,
+    make_app,
+    read_body,
+)
 from linectl.errors import ConfigError
 from linectl.supervisor import Supervisor
 
@@ -84,7 +92,7 @@ class NoBody(Body):
     pass
 
 
-class OperatorApi:
+class OperatorApi(Served):
     """The operator API's routes on ``app``, served by ``start()`` on ``line.api``."""
 
     def __init__(self, sup: Supervisor, line: Line, token: str | None) -> None:
@@ -109,16 +117,6 @@ class OperatorApi:
             name="operator api",
             allowed_hosts=line.api.allowed_hosts,
         )
-
-    @property
-    def port(self) -> int:
-        return self.http.port
-
-    async def start(self) -> None:
-        await self.http.start()
-
-    async def stop(self) -> None:
-        await self.http.stop()
 
     def _station(self, name: str) -> str:
         if name not in self.sup.stations:

@@ -37,7 +37,7 @@ import os
 import re
 import resource
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -442,3 +442,31 @@ class Endpoint:
                 self.name,
                 self.max_connections,
             )
+
+
+class Served:
+    """Base of a server built on one ``Endpoint`` (``self.http``): where it listens, start,
+    stop, and ``async with``."""
+
+    http: Endpoint
+
+    @property
+    def host(self) -> str:
+        return self.http.host
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def stop(self) -> None:
+        await self.http.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

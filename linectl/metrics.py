@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from linectl.analysis import Analysis, analyze
 from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
-from linectl.endpoints import Endpoint, make_app
+from linectl.endpoints import Endpoint, Served, make_app
 from linectl.errors import LinectlError
 from linectl.histogram import HistogramSnapshot
 from linectl.linestate import Condition, StationStatistics, SupervisorStatistics
@@ -512,7 +512,7 @@ def _http(line: str, endpoints: list[Any]) -> Iterator[Metric]:
         yield from (open_, closed, rejected)
 
 
-class MetricsServer:
+class MetricsServer(Served):
     """``GET /metrics`` of one line, served on the event loop that runs its supervisor."""
 
     def __init__(
@@ -534,26 +534,12 @@ class MetricsServer:
             self.app, host, port, name="metrics", allowed_hosts=line.metrics.allowed_hosts
         )
         self._store = store  # a TraceStore: its figures() are database size and history
+        self._db_read_at = -DB_FIGURES_EVERY_S
         self.watch(self.http)
 
     def watch(self, endpoint: Any) -> None:
         """Export ``endpoint``'s connection counters (``linectl_http_*``) too."""
         self.collector.endpoints.append(endpoint)
-        self._db_read_at = -DB_FIGURES_EVERY_S
-
-    @property
-    def host(self) -> str:
-        return self.http.host
-
-    @property
-    def port(self) -> int:
-        return self.http.port
-
-    async def start(self) -> None:
-        await self.http.start()
-
-    async def stop(self) -> None:
-        await self.http.stop()
 
     async def _metrics(self, request: web.Request) -> web.Response:
         await self._refresh_db()
@@ -571,13 +557,6 @@ class MetricsServer:
                 self.collector.db = await self._store.figures()
         except (TimeoutError, LinectlError) as exc:
             log.warning("metrics: database figures not read: %s", exc or "timed out")
-
-    async def __aenter__(self) -> MetricsServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
 
 def exposition(registry: CollectorRegistry, accept: str) -> web.Response:

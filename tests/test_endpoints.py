@@ -409,3 +409,20 @@ async def test_a_stream_outlives_the_head_deadline_and_stop_ends_it():
     finally:
         writer.close()
         await srv.stop()
+
+
+async def test_static_files_are_served_through_the_counted_connections(tmp_path):
+    """The web view serves /static/* (aiohttp's FileResponse, sendfile) under the same rules."""
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "view.js").write_text("console.log('line');\n")
+    (tmp_path / "secret.txt").write_text("no\n")
+    app = make_app(LIMITS)
+    app.router.add_static("/static", tmp_path / "static")
+    async with Endpoint(app) as srv:
+        status, body = await raw(srv.port, request("GET", "/static/view.js"))
+        assert (status, body) == (200, b"console.log('line');\n")
+        status, _ = await raw(srv.port, request("GET", "/static/../secret.txt"))
+        assert status in (403, 404)
+        status, _ = await raw(srv.port, request("GET", "/static/view.js", host="evil.example"))
+        assert status == 421
+        await eventually(lambda: srv.connection_count == 0, what="every connection closed")

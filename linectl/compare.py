@@ -231,18 +231,22 @@ class Recorder:
         if self.final is not None:
             return
         sup = self.sup
-        now = sup.now()
-        if self._wip_at is not None:
-            self.wip_area += self._wip * (now - self._wip_at)
-        self._wip, self._wip_at = len(sup.units), now
-        new = sup.finished - len(self.finish_times)
+        wip = len(sup.units)
+        if wip != self._wip or self._wip_at is None:
+            # Called at every change, so integrate only when WIP changes (cheap otherwise).
+            now = sup.now()
+            if self._wip_at is not None:
+                self.wip_area += self._wip * (now - self._wip_at)
+            self._wip, self._wip_at = wip, now
+        finished = sup.finished
+        new = finished - len(self.finish_times)
         if new > 0:
             # The newest finishes are at the right end of the supervisor's bounded records.
             self.finish_times += list(itertools.islice(reversed(sup.finish_times), new))[::-1]
             self.lead_times += list(itertools.islice(reversed(sup.lead_times), new))[::-1]
             if self.on_progress is not None:
-                self.on_progress(sup.finished)
-        if self.start is None and sup.finished >= max(self.skip, 1):
+                self.on_progress(finished)
+        if self.start is None and finished >= max(self.skip, 1):
             self.start = self.mark()
         if self.end is None and self.units is not None and sup.released >= self.units:
             self.end = self.mark() if self.start is not None else None

@@ -1,0 +1,102 @@
+"""Forecast: a snapshot of a running line, continued in virtual time, finishes exactly the units
+the line itself finishes, for deterministic lines (routes, forks, slots, units mid-cycle)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from linectl import virtual
+from linectl.config import load_config, parse_config
+from linectl.forecast import ForecastError, forecast, snapshot
+from linectl.simulate import Plan, virtual_line
+
+SMALL = """\
+line: small
+plcs:
+  p0: {protocol: modbus, host: 127.0.0.1, port: 0}
+stations:
+  a: {plc: p0, address: 0, cycle_s: 1}
+  b: {plc: p0, address: 40, cycle_s: 2}
+  c: {plc: p0, address: 80, cycle_s: 0.5}
+flow: [a, b, c]
+"""
+
+
+def deterministic(line):
+    """The line with every station at exactly its nominal cycle: no spread, rejects, faults."""
+    stations = {
+        n: st.model_copy(
+            update={
+                "sim": st.sim.model_copy(
+                    update={"spread": 0.0, "reject_p": 0.0, "fault_p": 0.0, "distribution": "fixed"}
+                )
+            }
+        )
+        for n, st in line.stations.items()
+    }
+    return line.model_copy(update={"stations": stations})
+
+
+def live_run(line, at_s: float, horizon_s: float):
+    """Run ``line`` in virtual time; take a snapshot at ``at_s``; return it and the units the
+    line had finished ``horizon_s`` later."""
+    from linectl.simulate import _driver_factory
+    from linectl.supervisor import Supervisor
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sup = Supervisor(line, driver_factory=_driver_factory(1))
+        taken = []
+        later = []
+        loop.call_at(loop.time() + at_s, lambda: taken.append(snapshot(sup)))
+
+        def done() -> None:
+            later.append(sup.finished)
+            sup.stop()
+
+        loop.call_at(loop.time() + at_s + horizon_s, done)
+        async with asyncio.timeout(at_s + horizon_s + 1000):
+            await sup.run()
+        return taken[0], later[0]
+
+    return virtual.run(main(), start=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "at_s"),
+    [("small", 50.3), ("config/demo.yaml", 137.7), ("config/scenario-b-hybrid.yaml", 9_000.0)],
+)
+def test_a_forecast_of_a_deterministic_line_is_what_the_line_does(name, at_s):
+    line = parse_config(SMALL) if name == "small" else load_config(name)
+    line = virtual_line(deterministic(line), Plan(units=None, hours=1))
+    horizon = 5 * 3600 if "scenario" in name else 600
+    snap, actual = live_run(line, at_s, horizon)
+    assert snap.units and snap.in_progress  # units mid-cycle, not an empty line
+    result = forecast(snap, snap.taken_at + timedelta(seconds=horizon), replications=2)
+    assert result.runs == (actual, actual)
+    assert result.finished_now == snap.finished < actual
+
+
+def test_a_forecast_of_the_demo_has_a_spread_and_includes_what_is_done():
+    line = virtual_line(load_config("config/demo.yaml"), Plan(units=None, hours=1))
+    snap, actual = live_run(line, 300.0, 1800)
+    result = forecast(snap, snap.taken_at + timedelta(seconds=1800), replications=8)
+    assert len(set(result.runs)) > 1
+    assert min(result.runs) > snap.finished
+    assert result.quantile(0.05) <= actual * 1.1 and result.quantile(0.95) >= actual * 0.9
+    data = result.to_dict()
+    assert data["finished_by_until"]["p50"] == result.quantile(0.5)
+
+
+def test_a_forecast_into_the_past_or_too_big_is_refused():
+    line = virtual_line(parse_config(SMALL), Plan(units=None, hours=1))
+    snap, _ = live_run(line, 10.0, 10.0)
+    with pytest.raises(ForecastError, match="is not after now"):
+        forecast(snap, snap.taken_at - timedelta(seconds=1), 1)
+    with pytest.raises(ForecastError, match="replications must be 1 to 100, not 0"):
+        forecast(snap, snap.taken_at + timedelta(seconds=10), 0)
+    with pytest.raises(ForecastError, match="line hours of simulation"):
+        forecast(snap, snap.taken_at + timedelta(days=30), 10)

@@ -27,7 +27,10 @@ async def _endpoints(
     sup: Supervisor, line: Line, constraint: ConstraintMonitor, *, metrics: bool, api: bool
 ) -> AsyncIterator[list[str]]:
     """Start the metrics and operator endpoints that exist; yield where they listen."""
+    from linectl.forecast_api import Forecaster
+
     where: list[str] = []
+    forecaster = Forecaster(sup)  # POST /forecast and the forecast gauge
     async with contextlib.AsyncExitStack() as stack:
         northbound = None
         if line.northbound is not None:
@@ -47,13 +50,14 @@ async def _endpoints(
                 northbound=northbound,
                 constraint=constraint,
                 store=sup.journal.store,
+                forecaster=forecaster,
             )
             stack.push_async_callback(server.stop)
             where.append(f"metrics http://{line.metrics.host}:{server.port}/metrics")
         if api:
             from linectl.api import serve_api
 
-            api_server = await serve_api(sup, line)
+            api_server = await serve_api(sup, line, extend=forecaster.add_routes)
             stack.push_async_callback(api_server.stop)
             where.append(f"operator api http://{line.api.host}:{api_server.port}/")
             if metrics:

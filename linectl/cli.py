@@ -537,6 +537,7 @@ CTL_ACTIONS = {
     "drain-branch": ("POST", "/branch", lambda a: {"station": a, "in_service": False}),
     "restore-branch": ("POST", "/branch", lambda a: {"station": a, "in_service": True}),
     "release": ("POST", "/release", lambda a: {"serial": a}),
+    "forecast": ("POST", "/forecast", lambda a: {"until": a}),
 }
 
 
@@ -545,8 +546,16 @@ def ctl_command(
     config: ConfigArg,
     action: Annotated[str, typer.Argument(help=" | ".join(CTL_ACTIONS))],
     target: Annotated[str | None, typer.Argument(help="Station or unit serial.")] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="forecast: units done by HH:MM (or ISO time).", show_default=False),
+    ] = None,
+    replications: Annotated[
+        int | None, typer.Option(help="forecast: virtual runs (default 10).", show_default=False)
+    ] = None,
 ) -> None:
-    """Steer a running supervisor through its operator API: drain, pause, release units."""
+    """Steer a running supervisor through its operator API: drain, pause, release units; or
+    forecast the units finished by a time (docs/simulate.md)."""
     import os
     import urllib.error
     import urllib.request
@@ -558,17 +567,26 @@ def ctl_command(
         typer.echo(f"unknown action '{action}'; use one of: {', '.join(CTL_ACTIONS)}", err=True)
         raise typer.Exit(2)
     method, path, body_of = CTL_ACTIONS[action]
+    if action == "forecast":
+        target = until
+        if not until:
+            typer.echo("'forecast' needs --until HH:MM", err=True)
+            raise typer.Exit(2)
     if body_of is not None and not target:
         typer.echo(f"'{action}' needs a station or serial", err=True)
         raise typer.Exit(2)
     url = f"http://{line.api.host}:{line.api.port}{path}"
-    data = json.dumps(body_of(target)).encode() if body_of else None
+    body = body_of(target) if body_of else None
+    if body is not None and replications is not None:
+        body["replications"] = replications
+    data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if os.environ.get(TOKEN_ENV):
         request.add_header("Authorization", f"Bearer {os.environ[TOKEN_ENV]}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
+        # A forecast runs its virtual replications before it answers (at most its deadline).
+        with urllib.request.urlopen(request, timeout=130 if action == "forecast" else 5) as reply:
             typer.echo(reply.read().decode().rstrip())
     except urllib.error.HTTPError as exc:
         typer.echo(f"{url}: {exc.code}: {exc.read().decode().strip()}", err=True)

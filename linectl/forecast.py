@@ -51,6 +51,10 @@ class ForecastError(LinectlError):
     """A forecast that cannot be made as asked."""
 
 
+class ForecastFailed(ForecastError):
+    """A forecast that was asked for properly but did not come back (deadline, crash)."""
+
+
 # --- the snapshot ---------------------------------------------------------------------------------
 
 
@@ -450,8 +454,9 @@ async def forecast_async(
     check(snap, until, replications)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "linectl.forecast",
+        "-c",
+        # Not ``-m linectl.forecast``: its classes would pickle as __main__'s.
+        "from linectl.forecast import child; child()",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -460,7 +465,7 @@ async def forecast_async(
         async with asyncio.timeout(timeout_s):
             out, err = await proc.communicate(pickle.dumps((snap, until, replications, seed)))
     except TimeoutError:
-        raise ForecastError(f"forecast took longer than {timeout_s:g} s; stopped") from None
+        raise ForecastFailed(f"forecast took longer than {timeout_s:g} s; stopped") from None
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -468,16 +473,16 @@ async def forecast_async(
                 await proc.wait()
     if proc.returncode != 0 or len(out) > MAX_RESULT_BYTES:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise ForecastError(f"forecast failed: {last[0]}")
+        raise ForecastFailed(f"forecast failed: {last[0]}")
     result = pickle.loads(out)  # our own child's answer
     if isinstance(result, str):
         raise ForecastError(result)
     return result
 
 
-def _child() -> None:
-    """``python -m linectl.forecast``: a pickled request on stdin, the Forecast on stdout (a
-    ForecastError's message as a string)."""
+def child() -> None:
+    """The child process of ``forecast_async``: a pickled request on stdin, the Forecast on
+    stdout (a ForecastError's message as a string)."""
     logging.basicConfig(level=logging.ERROR)
     snap, until, replications, seed = pickle.loads(sys.stdin.buffer.read())
     try:
@@ -486,6 +491,3 @@ def _child() -> None:
         result = str(exc)
     sys.stdout.buffer.write(pickle.dumps(result))
 
-
-if __name__ == "__main__":
-    _child()

@@ -151,10 +151,12 @@ class LineCollector(Collector):
         line: Line,
         northbound: Any = None,
         constraint: ConstraintMonitor | None = None,
+        forecaster: Any = None,
     ) -> None:
         self.supervisor = supervisor
         self.line = line
         self.northbound = northbound  # linectl.northbound.Northbound, when configured
+        self.forecaster = forecaster  # linectl.forecast_api.Forecaster: its last forecast
         self.analysis = analyze(line)  # a pure function of the config: once, not per scrape
         self.constraint = constraint
         self.db: Any = None  # the store's latest DbFigures, refreshed by MetricsServer
@@ -173,6 +175,9 @@ class LineCollector(Collector):
         yield from self._plcs(stats.line, drivers)
         if self.northbound is not None:
             yield from _northbound(stats.line, self.northbound.statistics())
+        last = getattr(self.forecaster, "last", None)
+        if last is not None:
+            yield from _forecast(stats.line, last)
         yield from self._database(stats.line)
         yield from _http(stats.line, [e.statistics() for e in self.endpoints])
 
@@ -427,6 +432,33 @@ def _histogram(
     return m
 
 
+def _forecast(line: str, last: Any) -> Iterator[Metric]:
+    """The last forecast (linectl/forecast.py): units finished by its time, by quantile."""
+    units = GaugeMetricFamily(
+        PREFIX + "forecast_units",
+        "Units the last forecast expects finished by its time (counting those done), by "
+        "quantile over its replications.",
+        labels=["line", "quantile"],
+    )
+    for q in (0.05, 0.5, 0.95):
+        units.add_metric([line, f"{q:g}"], last.quantile(q))
+    yield units
+    until = GaugeMetricFamily(
+        PREFIX + "forecast_until_timestamp_seconds",
+        "The time the last forecast is for (Unix seconds).",
+        labels=["line"],
+    )
+    until.add_metric([line], last.until.timestamp())
+    yield until
+    taken = GaugeMetricFamily(
+        PREFIX + "forecast_taken_timestamp_seconds",
+        "When the last forecast's snapshot of the line was taken (Unix seconds).",
+        labels=["line"],
+    )
+    taken.add_metric([line], last.taken_at.timestamp())
+    yield taken
+
+
 def _northbound(line: str, nb: Any) -> Iterator[Metric]:
     """The MQTT links and the OPC UA server: outages, queues and store-and-forward bounds."""
     labels = ["line", "link"]
@@ -524,9 +556,12 @@ class MetricsServer(Served):
         northbound: Any = None,
         constraint: ConstraintMonitor | None = None,
         store: Any = None,
+        forecaster: Any = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = LineCollector(supervisor, line, northbound, constraint)
+        self.collector = LineCollector(
+            supervisor, line, northbound, constraint, forecaster=forecaster
+        )
         self.registry.register(self.collector)
         self.app = make_app()
         self.app.router.add_get("/metrics", self._metrics)
@@ -578,6 +613,7 @@ async def serve_metrics(
     northbound: Any = None,
     constraint: ConstraintMonitor | None = None,
     store: Any = None,
+    forecaster: Any = None,
 ) -> MetricsServer:
     """Start serving ``GET /metrics`` on ``line.metrics`` (or ``host``/``port``; port 0 picks a
     free one, see ``.port``). ``await server.stop()`` ends it."""
@@ -589,6 +625,7 @@ async def serve_metrics(
         northbound,
         constraint,
         store,
+        forecaster=forecaster,
     )
     await server.start()
     return server

@@ -426,3 +426,18 @@ async def test_static_files_are_served_through_the_counted_connections(tmp_path)
         status, _ = await raw(srv.port, request("GET", "/static/view.js", host="evil.example"))
         assert status == 421
         await eventually(lambda: srv.connection_count == 0, what="every connection closed")
+
+
+async def test_an_unterminated_string_full_of_escapes_is_answered_at_once():
+    """A 64 KB body of \\" inside one open string: the depth check is one pass (a regex for
+    whole strings took 37 s on it, blocking the loop), then json.loads refuses it."""
+    app = make_app()
+    app.router.add_post("/echo", _echo)
+    async with Endpoint(app) as srv:
+        body = b'{"a": "' + b'\\"' * 32000
+        status, reply = await raw(srv.port, post("/echo", body), within=5)
+        assert status == 400 and b"body is not JSON" in reply
+
+
+async def _echo(request: web.Request) -> web.Response:
+    return json_response(await read_json(request))

@@ -2,8 +2,8 @@
 
 ``Connection`` wraps aiohttp's protocol for one connection: it is counted by its endpoint,
 gets a deadline for its request head, and may be closed to make room (or answered 503 when
-refused). ``OUT_OF_DESCRIPTORS`` turns asyncio's accept error at the file limit into one line a
-minute.
+refused). ``OUT_OF_DESCRIPTORS`` turns asyncio's accept error at the file limit, and
+``ServerLog`` aiohttp's error for a malformed request, into one line a minute.
 """
 
 from __future__ import annotations
@@ -13,6 +13,28 @@ import logging
 import math
 import time
 from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+
+class Sparse:
+    """At most one log line a minute for a repeated event, saying how often it happened."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.count = 0
+        self._since = 0
+        self._logged_at = -math.inf
+
+    def due(self) -> int | None:
+        """Count one event; the events since the last line if one is due now, else None."""
+        self.count += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            return None
+        since, self._since, self._logged_at = self._since, 0, now
+        return since
 
 
 class OutOfDescriptors(logging.Filter):
@@ -24,31 +46,57 @@ class OutOfDescriptors(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
-        self._logged_at = -math.inf
-        self._since = 0
+        self.sparse = Sparse()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith(self.MESSAGE):
             return True
-        self.count += 1
-        self._since += 1
-        now = time.monotonic()
-        if now - self._logged_at < 60.0:
+        since = self.sparse.due()
+        if since is None:
             return False
         exc = record.exc_info[1] if record.exc_info else None
         record.msg = (
             f"out of file descriptors accepting an HTTP connection ({exc}); "
-            f"{self._since} time(s) since the last such line; asyncio retries in 1 s"
+            f"{since} time(s) since the last such line; asyncio retries in 1 s"
         )
         record.args = ()
         record.exc_info = None
         record.exc_text = None
-        self._logged_at, self._since = now, 0
         return True
 
 
 OUT_OF_DESCRIPTORS = OutOfDescriptors()
+
+
+class ServerLog:
+    """aiohttp's logger for one endpoint's connections. aiohttp answers a malformed request
+    (a bad header line, a duplicate header, a line too long) with 400 itself, and logs each
+    with a traceback at ERROR: a flood for anyone who sends many. Here such a request is
+    counted and logged as one line at most once a minute; anything else (a handler's bug) is
+    logged as aiohttp would."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self.log = logging.getLogger("aiohttp.server")
+        self.sparse = Sparse()
+
+    def debug(self, *args: Any, **kw: Any) -> None:
+        self.log.debug(*args, **kw)
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if not isinstance(exc_info, HttpProcessingError):
+            self.log.exception(msg, *args, exc_info=exc_info, **kw)
+            return
+        self.endpoint._rejected += 1
+        since = self.sparse.due()
+        if since is not None:
+            reason = " ".join(str(exc_info.message).split())[:120]
+            logging.getLogger("linectl.endpoints").warning(
+                "%s: malformed request answered 400 (%s); %d since the last such line",
+                self.endpoint.name,
+                reason,
+                since,
+            )
 
 
 class Connection(asyncio.Protocol):

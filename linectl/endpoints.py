@@ -43,7 +43,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 from yarl import URL
 
-from linectl.connections import OUT_OF_DESCRIPTORS, Connection
+from linectl.connections import OUT_OF_DESCRIPTORS, Connection, ServerLog
 
 log = logging.getLogger("linectl.endpoints")
 
@@ -244,11 +244,15 @@ def _check_cross_site(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return  # not a browser: curl, linectl ctl, a script
-    url = URL(origin) if origin != "null" else None
+    try:
+        url = URL(origin) if origin != "null" else None
+        url_port = url.explicit_port if url is not None else None
+    except ValueError:  # not a URL at all: no page of ours sent it
+        url = url_port = None
     host = request.headers.get("Host", "")
     if url is None or not url.host or not url.is_absolute():
         raise HttpError(403, f"cross-site request refused (Origin {origin!r})")
-    same = _host_part(host) == (url.host.lower().rstrip("."), url.explicit_port) or (
+    same = _host_part(host) == (url.host.lower().rstrip("."), url_port) or (
         _host_part(host) == (url.host.lower().rstrip("."), None) and url.is_default_port()
     )
     if not same:
@@ -337,6 +341,7 @@ class Endpoint:
             max_field_size=limits.max_line,
             max_headers=limits.max_headers,
             lingering_time=1.0,
+            logger=ServerLog(self),
         )
         await runner.setup()
         asyncio_log = logging.getLogger("asyncio")

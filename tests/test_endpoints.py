@@ -199,6 +199,7 @@ async def _ok(_request: web.Request) -> web.Response:
         ({"Origin": "http://evil.example"}, 403),
         ({"Origin": "http://127.0.0.1:1"}, 403),  # another local service's page
         ({"Origin": "null"}, 403),  # a sandboxed frame or a file: page
+        ({"Origin": "http://127.0.0.1:abc"}, 403),  # not even a URL
         ({"Sec-Fetch-Site": "cross-site"}, 403),
     ],
 )
@@ -441,3 +442,23 @@ async def test_an_unterminated_string_full_of_escapes_is_answered_at_once():
 
 async def _echo(request: web.Request) -> web.Response:
     return json_response(await read_json(request))
+
+
+async def test_malformed_requests_are_counted_and_logged_once_not_a_traceback_each(caplog):
+    """aiohttp answers these 400 itself; it would log a traceback for every one."""
+    caplog.set_level(logging.DEBUG)
+    app = make_app()
+    app.router.add_get("/", _ok)
+    bad = [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nA: 1\r\nContent-Type: x\r\nContent-Type: y\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-" + b"x" * 9000 + b": 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n",
+    ] * 10
+    async with Endpoint(app, name="test") as srv:
+        for data in bad:
+            status, _ = await raw(srv.port, data)
+            assert status in (400, 431)
+        assert srv.statistics().rejected == len(bad)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    mine = [r.getMessage() for r in caplog.records if r.name == "linectl.endpoints"]
+    assert len(mine) == 1 and mine[0].startswith("test: malformed request answered 400 (")

@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
+from linectl.configcheck import guard
 from linectl.journal import Journal
+from linectl.reload import drain_at_start, reload_config
 from linectl.service import serving
 from linectl.supervisor import Supervisor
 
@@ -74,6 +76,8 @@ async def run_line(
     exit_when_done: bool = False,
     on_ready: Callable[[Supervisor, list[str]], None] | None = None,
     status: Callable[..., contextlib.AbstractAsyncContextManager[None]] | None = None,
+    migrate: Mapping[str, str] | None = None,
+    source: str = "",
 ) -> Supervisor:
     """Run ``line`` until a signal (or until ``release.count`` units are done).
 
@@ -82,6 +86,9 @@ async def run_line(
 
     url = db_url or line.storage_url
     async with await TraceStore.open(url, line.line) as store:
+        # A config that would strand units in the line is refused before anything runs.
+        for unit in await guard(store, line, migrate or {}, source or f"line '{line.line}'"):
+            log.warning("config change: %s", unit, extra={"unit": unit.serial})
         sup = Supervisor(line, journal=Journal(store), exit_when_done=exit_when_done)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,6 +101,12 @@ async def run_line(
             ):
                 task = tg.create_task(sup.run(), name="supervisor")
                 watch = tg.create_task(constraint.run(), name="constraint")
+                drain = tg.create_task(drain_at_start(sup), name="drain") if line.drain else None
+                if source:  # SIGHUP rereads the config file and applies what is safe
+                    loop.add_signal_handler(
+                        signal.SIGHUP,
+                        lambda: tg.create_task(reload_config(sup, Path(source)), name="reload"),
+                    )
                 try:
                     async with serving(sup):  # systemd's READY and watchdog, if it asks
                         if on_ready is not None:
@@ -104,7 +117,10 @@ async def run_line(
                         else:
                             await asyncio.shield(task)
                 finally:
+                    loop.remove_signal_handler(signal.SIGHUP)
                     watch.cancel()
+                    if drain is not None:
+                        drain.cancel()
                     if not task.done():
                         sup.stop()
                     await task

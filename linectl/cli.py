@@ -25,6 +25,15 @@ app = typer.Typer(
 )
 
 ConfigArg = Annotated[Path, typer.Argument(help="Line config (YAML).", show_default=False)]
+MigrateOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--migrate",
+        help="OLD=NEW: units' steps at station OLD count as at NEW; OLD=: quarantine them "
+        "(repeatable; docs/service.md).",
+        show_default=False,
+    ),
+]
 
 
 def _fail(exc: LinectlError) -> NoReturn:
@@ -41,9 +50,24 @@ def _load(config: Path) -> Line:
 
 
 @app.command()
-def check(config: ConfigArg) -> None:
+def check(
+    config: ConfigArg,
+    against_db: Annotated[
+        str | None,
+        typer.Option(
+            "--against-db",
+            help="Also check the units in this store fit the config (URL).",
+            show_default=False,
+        ),
+    ] = None,
+    migrate: MigrateOption = None,
+) -> None:
     """Validate a line config; print one line per problem, each naming where it is."""
     cfg = _load(config)
+    if against_db is not None:
+        from linectl.service_cli import check_against_db
+
+        check_against_db(config, cfg, against_db, migrate or [])
     typer.echo(
         f"{config}: ok: line '{cfg.line}', {len(cfg.plcs)} PLCs, {len(cfg.stations)} stations"
     )
@@ -461,14 +485,20 @@ def run_command(
     status: Annotated[bool, typer.Option(help="Show the live status board.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     log_format: LogFormatOption = LogFormat.human,
+    migrate: MigrateOption = None,
 ) -> None:
     """Run the supervisor against the PLCs in CONFIG until Ctrl-C or SIGTERM."""
     import asyncio
 
     from linectl.app import run_line
+    from linectl.configcheck import parse_migrations
     from linectl.status import live_status
 
     line = _load(config)
+    try:
+        mapping = parse_migrations(migrate or [])
+    except ConfigError as exc:
+        _fail(exc)
     _logging(verbose, board=status, fmt=log_format, line=line.line)
 
     def ready(_sup, where: list[str]) -> None:
@@ -482,6 +512,8 @@ def run_command(
                 on_ready=ready,
                 status=live_status if status else None,
                 exit_when_done=line.release.count is not None,
+                migrate=mapping,
+                source=str(config),
             )
         )
     except LinectlError as exc:

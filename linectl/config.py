@@ -572,6 +572,11 @@ class Line(_Model):
     api: Endpoint = Field(default_factory=lambda: Endpoint(port=9465))
     time_scale: float = Field(1.0, gt=0, description="Wall seconds per config second.")
     northbound: Northbound | None = Field(None, description="OPC UA server and MQTT for the plant.")
+    drain: list[str] = Field(
+        default_factory=list,
+        description="Stations kept out of service: they finish what they hold, take nothing "
+        "new (changeable with SIGHUP; docs/service.md).",
+    )
 
     @property
     def storage_url(self) -> str:
@@ -681,6 +686,11 @@ def _check_references(cfg: Line) -> list[tuple[str, str]]:
                     f"unknown PLC '{st.plc}'{_did_you_mean(st.plc, sorted(cfg.plcs))}; "
                     f"define it under plcs",
                 )
+            )
+    for i, name in enumerate(cfg.drain):
+        if name not in cfg.stations:
+            problems.append(
+                (f"drain[{i}]", f"unknown station '{name}'{_did_you_mean(name, names)}")
             )
     used: dict[str, str] = {}
     for path, step in walk(cfg.flow):

@@ -87,3 +87,32 @@ def backup_command(
         typer.echo(f"linectl backup: {file}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{done.path}: {done.size_bytes} bytes, consistent copy in {done.seconds:.2f} s")
+
+
+def check_against_db(config: Path, line, url: str, migrate: list[str]) -> None:
+    """``linectl check --against-db``: one line per unit the config would strand; exit 1
+    unless --migrate resolves every one (nothing is written)."""
+    import asyncio
+
+    from linectl.cli import _fail
+    from linectl.configcheck import check_units, parse_migrations, refused
+    from linectl.store import TraceStore
+    from linectl.store.db import mask
+
+    async def units() -> list:
+        async with await TraceStore.open(url, line.line, create=False) as store:
+            return await store.open_units()
+
+    try:
+        mapping = parse_migrations(migrate)
+        found = check_units(line, asyncio.run(units()), mapping)
+    except LinectlError as exc:
+        _fail(exc)
+    for unit in found:
+        typer.echo(f"{config}: {unit}", err=not unit.resolution)
+    bad = refused(found)
+    if bad:
+        typer.echo(f"{config}: refused: {len(bad)} unit(s) in the line would be stranded", err=True)
+        raise typer.Exit(1)
+    moved = f", {len(found)} unit(s) migrated by --migrate" if found else ""
+    typer.echo(f"{config}: ok against {mask(url)}: the units in the line fit{moved}")

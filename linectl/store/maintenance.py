@@ -14,12 +14,12 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, delete, func, select, text
+from sqlalchemy import Connection, Engine, delete, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from linectl.errors import StoreError
@@ -268,6 +268,21 @@ def _adapt(size: int, took: float, target: float, low: int, high: int) -> int:
     if took < target / 2:
         return min(high, size + size // 2 + 1)
     return size
+
+
+def rename_steps(
+    conn: Connection, line: str, renames: Mapping[str, str], unit_ids: Sequence[int]
+) -> int:
+    """Record the steps of ``unit_ids`` at each old station as at its new one."""
+    changed = 0
+    for old, new in renames.items():
+        result = conn.execute(
+            update(Step)
+            .where(Step.line == line, Step.station == old, Step.unit_id.in_(list(unit_ids)))
+            .values(station=new)
+        )
+        changed += result.rowcount
+    return changed
 
 
 # --- Backup ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -503,6 +503,21 @@ class TraceStore:
             until=None if until is None else _utc(until, "until"),
             limit=limit,
         )
+
+    async def rename_steps(self, renames: Mapping[str, str], unit_ids: Sequence[int]) -> int:
+        """Record the steps of ``unit_ids`` at each old station as at its new one, in one
+        transaction (``linectl run --migrate OLD=NEW``); return the steps changed."""
+        await self.flush()
+
+        def run() -> int:
+            try:
+                with self._engine.begin() as conn:
+                    return maintenance.rename_steps(conn, self.line, renames, unit_ids)
+            except SQLAlchemyError as exc:
+                orig = getattr(exc, "orig", None) or exc
+                raise StoreError(f"trace store {self._where}: migration failed: {orig}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
 
     async def figures(self) -> DbFigures:
         """The database's size and its oldest stored step, for metrics (index lookups only)."""

@@ -688,6 +688,9 @@ from linectl import service_cli  # noqa: E402 - its commands need the helpers ab
 app.command(
     "prune", help="Remove finished units' old steps in short batches, while the line runs."
 )(service_cli.prune_command)
+app.command(
+    "doctor", help="Check PLCs, certificates, database, ports and clock; exit by the worst."
+)(service_cli.doctor_command)
 app.command("backup", help="Copy a live SQLite trace store consistently (PostgreSQL: pg_dump).")(
     service_cli.backup_command
 )

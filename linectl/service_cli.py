@@ -116,3 +116,28 @@ def check_against_db(config: Path, line, url: str, migrate: list[str]) -> None:
         raise typer.Exit(1)
     moved = f", {len(found)} unit(s) migrated by --migrate" if found else ""
     typer.echo(f"{config}: ok against {mask(url)}: the units in the line fit{moved}")
+
+
+def doctor_command(
+    config: Annotated[Path, typer.Argument(help="Line config (YAML).", show_default=False)],
+    db: Annotated[
+        str | None, typer.Option("--db", help="Database URL (default: the config's).")
+    ] = None,
+) -> None:
+    """Check PLCs, certificates, database, disk, ports and clock; exit 0 ok, 1 warn, 2 fail."""
+    import asyncio
+    import logging
+
+    from linectl.cli import _load
+    from linectl.doctor import examine, exit_code
+
+    line = _load(config)
+    # The findings say what went wrong; the drivers' and libraries' own lines would repeat it.
+    logging.basicConfig(level=logging.CRITICAL)
+    findings = asyncio.run(examine(line, db_url=db))
+    for finding in findings:
+        typer.echo(str(finding))
+    code = exit_code(findings)
+    worst = ("all ok", "warnings", "failures")[code]
+    typer.echo(f"{config}: {worst} ({len(findings)} checks)")
+    raise typer.Exit(code)

@@ -39,6 +39,7 @@ class DbFigures:
     size_bytes: int
     oldest_at: datetime | None  # commanded_at of the oldest step still stored
     schema_version: int
+    newest_release_at: datetime | None = None  # the latest unit released (doctor's clock check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,8 @@ def figures(conn: Connection, line: str) -> DbFigures:
             select(func.min(Step.commanded_at)).where(Step.line == line, Step.unit_id == first)
         ).scalar()
     version = conn.execute(select(SchemaMeta.version).where(SchemaMeta.id == 1)).scalar() or 0
-    return DbFigures(int(size), oldest, int(version))
+    newest = conn.execute(select(func.max(Unit.released_at)).where(Unit.line == line)).scalar()
+    return DbFigures(int(size), oldest, int(version), newest)
 
 
 def _old_units(conn: Connection, line: str, horizon: datetime, after: int, limit: int) -> list[int]:

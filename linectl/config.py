@@ -529,6 +529,9 @@ class NorthboundOpcUa(_Model):
         description="Also offer a None endpoint with anonymous read-only login (loopback only).",
     )
     max_sessions: int = Field(16, ge=1, le=1000)
+    kpi_interval_s: float = Field(
+        1.0, ge=0.1, le=3600, description="How often Throughput, OEE, Bottleneck are refreshed."
+    )
 
     _host = field_validator("host")(_check_host)
 

@@ -162,7 +162,10 @@ async def test_broker_restart_loses_nothing_and_births_again(tmp_path):
                     what="every release on the namespace",
                 )
         released = [json.loads(p)["unit_id"] for _, p in rec.on(f"{base}/units/released")]
-        assert released == list(range(1, 31))  # nothing lost, in order, no duplicates
+        # Nothing lost, in order. At least once: a message the broker took just before it
+        # stopped, whose PUBACK never came back, is sent again from the spool.
+        assert [unit for unit, _ in itertools.groupby(released)] == list(range(1, 31))
+        assert len(released) <= 30 + 2
         nbirths = [metrics(p)["bdSeq"] for _, p in sparkplug(rec, group, "NBIRTH")]
         assert nbirths[:2] == [0, 1]
         second = [p for _, p in sparkplug(rec, group, "NBIRTH")][1]

@@ -45,6 +45,7 @@ async def secure_server(
     users: Mapping[str, str],
     operators: Collection[str] = (),
     allow_anonymous: bool = False,
+    max_sessions: int | None = None,
 ) -> None:
     """Make ``server`` secure before ``start()``. ``policies`` are (policy, mode) pairs as in
     the line config; ``users`` maps user names to passwords; ``operators`` (a subset) may call
@@ -66,13 +67,23 @@ async def secure_server(
     server.set_identity_tokens(tokens)
     server.allow_remote_admin(False)
     iserver = server.iserver
-    iserver.set_user_manager(_UserManager(users, trusted, allow_anonymous))
+    iserver.set_user_manager(_UserManager(users, trusted, allow_anonymous, max_sessions))
     server.set_certificate_validator(_ClientValidator(trusted))
     # asyncua strips the server nonce from a decrypted password without comparing it, so an
     # encrypted password seen once on a Sign-only channel could be replayed into a new session.
     iserver.decrypt_user_token = _NonceCheckingDecrypt(iserver)  # type: ignore[method-assign]
     # start() appends the real policy factories to this same list, after ours.
     server._policies.append(_RefuseOtherPolicies(server._policies))
+
+
+def anonymous_read_only(server: Server, max_sessions: int | None = None) -> None:
+    """Only a None endpoint with anonymous, read-only sessions: no password, no method."""
+    server.set_security_policy(
+        [ua.SecurityPolicyType.NoSecurity], permission_ruleset=_Permissions((), True)
+    )
+    server.set_identity_tokens([ua.AnonymousIdentityToken])
+    server.allow_remote_admin(False)
+    server.iserver.set_user_manager(_UserManager({}, TrustList(()), True, max_sessions))
 
 
 _CALL = ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary)
@@ -156,11 +167,16 @@ class _UserManager:
     """
 
     def __init__(
-        self, users: Mapping[str, str], trust: TrustList, allow_anonymous: bool = False
+        self,
+        users: Mapping[str, str],
+        trust: TrustList,
+        allow_anonymous: bool = False,
+        max_sessions: int | None = None,
     ) -> None:
         self._users = {name: secret_digest(pw) for name, pw in users.items()}
         self._trust = trust
         self._anonymous = allow_anonymous
+        self._max_sessions = max_sessions
 
     def get_user(
         self,
@@ -169,6 +185,11 @@ class _UserManager:
         password: str | None = None,
         certificate: bytes | None = None,
     ) -> User | None:
+        if self._max_sessions is not None:
+            active = sum(1 for s in iserver._external_sessions.values() if s.is_activated())
+            if active >= self._max_sessions:
+                log.warning("refused login of %r: %d sessions already", username, active)
+                return None
         if username is None and password is None and self._anonymous:
             return User(role=UserRole.Anonymous)
         if not certificate:  # b"" on a None channel

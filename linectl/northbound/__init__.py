@@ -69,9 +69,10 @@ class Northbound:
         if nb.opcua is not None:
             from linectl.northbound.opcua_server import NorthboundServer
 
+            # Started in the background: asyncua takes seconds to build its address space,
+            # and the line does not wait for it.
             self.opcua = NorthboundServer(self.sup, self.line, nb.opcua)
-            if await self.opcua.start():
-                self.where.append(f"opc ua server {self.opcua.url}")
+            self.where.append(f"opc ua server {self.opcua.url}")
         self._task = asyncio.create_task(self._run(), name="northbound")
 
     def _mqtt(self, cfg: NorthboundMqtt) -> None:
@@ -135,8 +136,8 @@ class Northbound:
         async with asyncio.TaskGroup() as tg:
             for link in self.links:
                 tg.create_task(_guard(run_publisher(link), link.where), name=link.where)
-            if self.opcua is not None and self.opcua.up:
-                tg.create_task(_guard(self.opcua.run(), "northbound.opcua"), name="opcua")
+            if self.opcua is not None:
+                tg.create_task(_guard(self.opcua.serve(), "northbound.opcua"), name="opcua")
 
     async def stop(self) -> None:
         for link in self.links:

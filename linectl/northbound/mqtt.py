@@ -30,6 +30,9 @@ from linectl.northbound.spool import Message, Outbox
 from linectl.northbound.view import LineView, line_values, station_values
 
 log = logging.getLogger("linectl.northbound")
+# paho logs every lost socket at ERROR; MqttLink says it once per outage, naming the setting.
+_client_log = logging.getLogger("linectl.northbound.client")
+_client_log.setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +321,7 @@ class MqttLink:
                 clean_session=True,
                 keepalive=self.cfg.keepalive_s,
                 timeout=self.cfg.connect_timeout_s,
-                logger=logging.getLogger("linectl.northbound.aiomqtt"),
+                logger=_client_log,
             )
             try:
                 async with contextlib.AsyncExitStack() as stack:

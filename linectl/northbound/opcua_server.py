@@ -1,0 +1,389 @@
+"""The line as an OPC UA server for SCADA and MES: read-only nodes that change with the line,
+and, for users in the operator role only, methods for Pause, Drain and ReleaseQuarantined.
+
+Secure by default, as the PLC side is (drivers/opcua_server_security.py): no None endpoint, no
+anonymous login, client certificates checked against a trust list, passwords from the
+environment or a file. ``allow_anonymous`` adds a read-only None endpoint, on loopback only.
+
+Station and line nodes are written from the supervisor's events (a bounded subscription,
+coalesced per batch: a slow client costs a node's intermediate values, never a handover).
+Throughput, OEE, the bottleneck and cycle times are figures of elapsed time, so they are
+refreshed from ``statistics()`` every ``kpi_interval_s``, not per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from asyncua import Server, ua
+from asyncua.common.node import Node
+
+from linectl.analysis import analyze
+from linectl.config import Line, NorthboundOpcUa
+from linectl.drivers.opcua_server_security import anonymous_read_only, secure_server
+from linectl.events import LineEvent, StationChanged, Subscription
+from linectl.metrics import constraint_of, line_oee
+from linectl.northbound.view import LineView, line_values, station_values
+from linectl.security import read_secret
+
+log = logging.getLogger("linectl.northbound")
+
+NAMESPACE = "urn:linectl:northbound"
+V = ua.VariantType
+STATION_TYPES = {
+    "State": V.Int32,
+    "StateName": V.String,
+    "Condition": V.String,
+    "UnitSerial": V.String,
+    "Load": V.UInt32,
+    "Capacity": V.UInt32,
+    "InService": V.Boolean,
+    "Connected": V.Boolean,
+    "CycleTime": V.Double,
+    "Counts/Cycles": V.UInt64,
+    "Counts/Passed": V.UInt64,
+    "Counts/Rejected": V.UInt64,
+    "Counts/Faults": V.UInt64,
+}
+LINE_TYPES = {
+    "Line/Released": V.UInt64,
+    "Line/Finished": V.UInt64,
+    "Line/Quarantined": V.UInt32,
+    "Line/WIP": V.UInt32,
+    "Line/Paused": V.Boolean,
+    "Line/Throughput": V.Double,
+    "Line/PredictedThroughput": V.Double,
+    "Line/Bottleneck": V.String,
+    "Line/OEE": V.Double,
+}
+THROUGHPUT_WINDOW_S = 300.0
+
+
+class NorthboundServer:
+    def __init__(self, sup: Any, line: Line, cfg: NorthboundOpcUa) -> None:
+        self.sup = sup
+        self.line = line
+        self.cfg = cfg
+        self.up = False
+        self.port = cfg.port
+        self.analysis = analyze(line)
+        self._server: Server | None = None
+        self._nodes: dict[str, ua.NodeId] = {}  # "Line/WIP", "Stations/a/State" -> node id
+        self._values: dict[str, Any] = {}  # last value written per node
+        self._subscription: Subscription | None = None
+        self.started = asyncio.Event()  # set once start() has succeeded or given up
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.cfg.host}:{self.port}{self.cfg.path}"
+
+    def sessions(self) -> int:
+        server = self._server
+        if server is None:
+            return 0
+        return sum(1 for s in server.iserver._external_sessions.values() if s.is_activated())
+
+    def events_dropped(self) -> int:
+        return self._subscription.dropped if self._subscription is not None else 0
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Listen; False (after one log line naming the setting) if it cannot."""
+        cfg = self.cfg
+        try:
+            users = {
+                name: read_secret(u.password_env, u.password_file) for name, u in cfg.users.items()
+            }
+        except ValueError as exc:
+            log.error("northbound.opcua.users: %s; the OPC UA server stays off", exc)
+            return False
+        server = Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{cfg.host}:{cfg.port}{cfg.path}")
+        server.set_server_name(f"linectl line {self.line.line}")
+        server.disable_clock(True)  # stop() would wait up to a second for its sleep
+        try:
+            if cfg.security is None:
+                # Only reachable with allow_anonymous (config.py): read-only, loopback.
+                anonymous_read_only(server, cfg.max_sessions)
+            else:
+                sec = cfg.security
+                await secure_server(
+                    server,
+                    certificate=sec.certificate,
+                    private_key=sec.private_key,
+                    trust=sec.trust,
+                    application_uri=sec.application_uri,
+                    policies=[(p, sec.mode) for p in sec.policies],
+                    users=users,
+                    operators=[n for n, u in cfg.users.items() if u.role == "operator"],
+                    allow_anonymous=cfg.allow_anonymous,
+                    max_sessions=cfg.max_sessions,
+                )
+        except (OSError, ValueError) as exc:
+            log.error("northbound.opcua.security: %s; the OPC UA server stays off", exc)
+            return False
+        view = LineView.of(self.sup)
+        await self._build(server, view)
+        try:
+            with _without_traceback("asyncua.server.server"):
+                await server.start()
+        except OSError as exc:
+            with contextlib.suppress(Exception):
+                await server.stop()
+            log.error(
+                "northbound.opcua.port: cannot listen on %s:%s: %s; the OPC UA server stays off, "
+                "the line runs on",
+                cfg.host,
+                cfg.port,
+                exc.strerror or exc,
+            )
+            return False
+        assert server.bserver is not None
+        self.port = server.bserver.port  # the real one when asked for port 0
+        self._server = server
+        self._subscription = self.sup.events.subscribe(name="opcua", maxsize=10_000)
+        self._view = view
+        self.up = True
+        log.info("northbound OPC UA server on %s", self.url)
+        return True
+
+    async def serve(self) -> None:
+        """Start, then keep the nodes current until cancelled (or return if it cannot start)."""
+        try:
+            up = await self.start()
+        finally:
+            self.started.set()
+        if up:
+            await self.run()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._feed(), name="opcua-feed")
+            tg.create_task(self._kpis(), name="opcua-kpis")
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        self.up = False
+        if self._subscription is not None:
+            self._subscription.close()
+        if server is None:
+            return
+        bserver = server.bserver
+        connections = list(bserver.clients) if bserver is not None else []
+        await server.stop()
+        if bserver is not None:
+            # As the simulator does: end each connection's tasks now, not on a later loop turn.
+            for conn in connections:
+                if conn.transport is not None:
+                    conn.transport.abort()
+            for conn in connections:
+                for task in (conn._task, conn._activation_watchdog_task):
+                    if task is not None:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+            await bserver._close_tasks()
+        for session in list(server.iserver._external_sessions.values()):
+            await session.close_session(True)
+
+    # --- address space ------------------------------------------------------------------
+
+    async def _build(self, server: Server, view: LineView) -> None:
+        idx = await server.register_namespace(NAMESPACE)
+        self._idx = idx
+        line = await server.nodes.objects.add_object(ua.NodeId("Line", idx), f"{idx}:Line")
+        values: dict[str, Any] = {
+            **line_values(view.line, len(view.quarantined)),
+            **self._derived(),
+        }
+        for key, kind in LINE_TYPES.items():
+            await self._variable(line, key, key.split("/")[1], values[key], kind)
+        stations = await line.add_object(ua.NodeId("Line.Stations", idx), f"{idx}:Stations")
+        for name, ev in view.stations.items():
+            obj = await stations.add_object(
+                ua.NodeId(f"Line.Stations.{name}", idx), f"{idx}:{name}"
+            )
+            counts = await obj.add_object(
+                ua.NodeId(f"Line.Stations.{name}.Counts", idx), f"{idx}:Counts"
+            )
+            svalues = {**station_values(ev), "CycleTime": self.line.stations[name].cycle_s}
+            for key, kind in STATION_TYPES.items():
+                parent = counts if key.startswith("Counts/") else obj
+                await self._variable(
+                    parent, f"Stations/{name}/{key}", key.split("/")[-1], svalues[key], kind
+                )
+        units = await line.add_object(ua.NodeId("Line.Units", idx), f"{idx}:Units")
+        node = await units.add_variable(
+            ua.NodeId("Line.Units.Quarantined", idx),
+            f"{idx}:Quarantined",
+            ua.Variant(sorted(view.quarantined.values()), V.String, is_array=True),
+            datatype=ua.NodeId(ua.ObjectIds.String),
+        )
+        await node.write_attribute(ua.AttributeIds.ValueRank, ua.DataValue(ua.Variant(1, V.Int32)))
+        self._nodes["Units/Quarantined"] = node.nodeid
+        await self._methods(line, idx)
+
+    async def _variable(self, parent: Node, key: str, name: str, value: Any, kind: V) -> None:
+        # add_variable makes a node readable only: nobody writes what the line owns.
+        nodeid = ua.NodeId("Line." + key.removeprefix("Line/").replace("/", "."), self._idx)
+        node = await parent.add_variable(
+            nodeid,
+            f"{self._idx}:{name}",
+            ua.Variant(value, kind),
+            datatype=ua.NodeId(getattr(ua.ObjectIds, kind.name)),
+        )
+        self._nodes[key] = node.nodeid
+        self._values[key] = value
+
+    async def _methods(self, line: Node, idx: int) -> None:
+        sup = self.sup
+
+        def arg(name: str, datatype: int) -> ua.Argument:
+            a = ua.Argument()
+            a.Name, a.DataType, a.ValueRank = name, ua.NodeId(datatype), -1
+            return a
+
+        def bad(code: int, why: str) -> ua.StatusCode:
+            log.warning("northbound OPC UA method refused: %s", why)
+            return ua.StatusCode(code)
+
+        async def pause(_parent: ua.NodeId, paused: ua.Variant) -> Any:
+            if not isinstance(paused.Value, bool):
+                return bad(ua.StatusCodes.BadTypeMismatch, "Pause takes a Boolean")
+            sup.pause(paused.Value)
+            log.info("operator (OPC UA): release %s", "paused" if paused.Value else "resumed")
+            return []
+
+        async def drain(_parent: ua.NodeId, station: ua.Variant, on: ua.Variant) -> Any:
+            if station.Value not in sup.stations or not isinstance(on.Value, bool):
+                return bad(ua.StatusCodes.BadInvalidArgument, f"no station {station.Value!r}")
+            sup.set_in_service(station.Value, not on.Value)
+            log.info(
+                "operator (OPC UA): station %s %s",
+                station.Value,
+                "drained" if on.Value else "back in service",
+            )
+            return []
+
+        async def release(_parent: ua.NodeId, serial: ua.Variant) -> Any:
+            unit = next((u for u in sup.quarantined.values() if u.serial == serial.Value), None)
+            if unit is None:
+                return bad(
+                    ua.StatusCodes.BadInvalidArgument, f"no quarantined unit {serial.Value!r}"
+                )
+            try:
+                sup.release_quarantined(unit.id)
+            except ValueError as exc:
+                return bad(ua.StatusCodes.BadInvalidState, str(exc))
+            log.info("operator (OPC UA): released %s from quarantine", serial.Value)
+            return []
+
+        B, S = ua.ObjectIds.Boolean, ua.ObjectIds.String
+        for name, func, args in (
+            ("Pause", pause, [arg("Paused", B)]),
+            ("Drain", drain, [arg("Station", S), arg("Drain", B)]),
+            ("ReleaseQuarantined", release, [arg("Serial", S)]),
+        ):
+            await line.add_method(ua.NodeId(f"Line.{name}", idx), f"{idx}:{name}", func, args, [])
+
+    # --- values ---------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        sub = self._subscription
+        assert sub is not None
+        view = self._view
+        while True:
+            batch = [await sub.get(), *sub.drain()]
+            touched: dict[str, StationChanged] = {}
+            for event in batch:
+                view.apply(event)
+                if isinstance(event, StationChanged):
+                    touched[event.station] = event
+            await self._write_changes(batch, touched, view)
+
+    async def _write_changes(
+        self, batch: list[LineEvent], touched: dict[str, StationChanged], view: LineView
+    ) -> None:
+        updates: dict[str, Any] = {}
+        wall = batch[-1].wall
+        for name, ev in touched.items():
+            for key, value in station_values(ev).items():
+                updates[f"Stations/{name}/{key}"] = value
+        updates.update(line_values(view.line, len(view.quarantined)))
+        updates["Units/Quarantined"] = sorted(view.quarantined.values())
+        await self._write(updates, wall)
+
+    async def _write(self, updates: dict[str, Any], wall: datetime) -> None:
+        server = self._server
+        if server is None:
+            return
+        for key, value in updates.items():
+            if self._values.get(key) == value or key not in self._nodes:
+                continue
+            self._values[key] = value
+            kind = V.String if key == "Units/Quarantined" else _kind(key)
+            variant = ua.Variant(value, kind, is_array=key == "Units/Quarantined")
+            await server.write_attribute_value(
+                self._nodes[key], ua.DataValue(variant, SourceTimestamp=wall)
+            )
+
+    async def _kpis(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.kpi_interval_s)
+            stats = self.sup.statistics()
+            updates = self._derived(stats)
+            for name, st in stats.stations.items():
+                updates[f"Stations/{name}/CycleTime"] = st.ewma_cycle_s * self.line.time_scale
+            await self._write(updates, datetime.now(UTC))
+
+    def _derived(self, stats: Any = None) -> dict[str, Any]:
+        """Throughput (units/h over the last 5 min), predicted throughput, bottleneck, OEE."""
+        scale = self.line.time_scale
+        predicted = 3600.0 / (self.analysis.interval_s * scale)
+        bottleneck = constraint_of(self.analysis)
+        if stats is None or stats.elapsed_s <= 0:
+            return {
+                "Line/Throughput": 0.0,
+                "Line/PredictedThroughput": predicted,
+                "Line/Bottleneck": bottleneck,
+                "Line/OEE": 0.0,
+            }
+        window = min(stats.elapsed_s, THROUGHPUT_WINDOW_S)
+        recent = sum(1 for t in stats.finish_times if t >= stats.elapsed_s - window)
+        busiest = max(stats.stations.values(), key=lambda s: s.utilization)
+        if busiest.utilization > 0:
+            bottleneck = busiest.name
+        return {
+            "Line/Throughput": recent * 3600.0 / window,
+            "Line/PredictedThroughput": predicted,
+            "Line/Bottleneck": bottleneck,
+            "Line/OEE": line_oee(stats, self.analysis, scale).oee,
+        }
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _without_traceback(logger: str) -> Iterator[None]:
+    """asyncua logs a failed start with a traceback before raising; we say it in one line."""
+    quiet = _DropErrors()
+    logging.getLogger(logger).addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(quiet)
+
+
+def _kind(key: str) -> V:
+    if key.startswith("Line/"):
+        return LINE_TYPES[key]
+    return STATION_TYPES[key.split("/", 2)[2]]

@@ -192,6 +192,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         if endpoint is not None:
             endpoint.check_host(request)
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise HttpError(415, "a compressed body is not accepted; send it as is")
         if request.method not in SAFE_METHODS:
             _check_cross_site(request)
             token = request.app.get(TOKEN)
@@ -342,6 +344,7 @@ class Endpoint:
             max_headers=limits.max_headers,
             lingering_time=1.0,
             logger=ServerLog(self),
+            auto_decompress=False,  # a gzip body of 64 KiB may inflate to 64 MiB at once
         )
         await runner.setup()
         asyncio_log = logging.getLogger("asyncio")

@@ -131,6 +131,7 @@ async def test_a_handler_can_answer_any_content_type(server):
         (post("/switch", b'{"on": true, "of": 1}'), 400, b"'of': unknown key"),
         (request("POST", "/echo", b"{}", Content_Type="text/plain"), 415, b"application/json"),
         (request("POST", "/echo", b"{}"), 415, b"must be application/json"),
+        (post("/echo", b"\x1f\x8b", Content_Encoding="gzip"), 415, b"compressed body"),
     ],
 )
 async def test_a_bad_request_gets_a_json_error_naming_the_problem(server, data, status, says):

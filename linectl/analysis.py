@@ -24,6 +24,10 @@ first branch does: rate = min(rate_i / share_i). A branch with weight 0 carries 
 counts for nothing (not even the lead time). A route keeps running while any branch is up, at
 a reduced rate: its availability is the mean of its branches' availabilities weighted by their
 rates (the expected fraction of its rate).
+
+A station with ``on_reject`` sends the share ``sim.reject_p`` of its units (the expected
+reject rate) to its rework station, which then carries that share of the flow: its rate limits
+the line at capacity / cycle_s / reject_p, and only the units it rejects in turn are lost.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class _Part:
 def _station(line: Line, name: str) -> _Part:
     st = line.stations[name]
     cycle = Fraction(st.cycle_s)
-    return _Part(
+    part = _Part(
         rate=st.capacity / cycle,
         limit=name,
         lead=cycle,
@@ -122,6 +126,20 @@ def _station(line: Line, name: str) -> _Part:
         availability=Fraction(st.availability),
         shares={name: Fraction(1)},
     )
+    if st.on_reject is not None and st.sim.reject_p > 0:
+        # The rejected share p goes through rework and on: the rework station sees p of the
+        # flow (its rate counts p times less), its own rejects are the only ones lost, and the
+        # lead time of a unit through an empty line (no reject) does not change.
+        p = Fraction(st.sim.reject_p)
+        rework = line.stations[st.on_reject]
+        r_cycle = Fraction(rework.cycle_s)
+        r_rate = rework.capacity / r_cycle / p
+        if r_rate < part.rate:
+            part.rate, part.limit = r_rate, st.on_reject
+        part.work += p * r_cycle
+        part.fpy = 1 - p * Fraction(rework.sim.reject_p)
+        part.shares[st.on_reject] = p
+    return part
 
 
 def _sequence(line: Line, steps: Sequence[Any], path: str) -> _Part:

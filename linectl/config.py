@@ -297,6 +297,11 @@ class Station(_Model):
     cycle_s: float = Field(gt=0, description="Nominal (ideal) cycle time, seconds.")
     capacity: int = Field(1, ge=1, le=64, description="Units in process at once.")
     availability: float = Field(1.0, gt=0, le=1, description="Share of time the station is up.")
+    on_reject: str | None = Field(
+        None,
+        description="Rework station (not itself in the flow) that a unit rejected here goes to "
+        "instead of quarantine; after rework it carries on with the step after this one.",
+    )
     sim: SimSpec = Field(default_factory=SimSpec)
 
 
@@ -678,6 +683,36 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _check_rework(cfg: Line, in_flow: dict[str, str]) -> list[tuple[str, str]]:
+    """A rework station exists, is off the flow, serves one station and has no rework of its
+    own (so a unit can never loop)."""
+    problems: list[tuple[str, str]] = []
+    names = sorted(cfg.stations)
+    serves: dict[str, str] = {}
+    for name, st in cfg.stations.items():
+        target = st.on_reject
+        if target is None:
+            continue
+        where = f"stations.{name}.on_reject"
+        if target not in cfg.stations:
+            problems.append((where, f"unknown station '{target}'{_did_you_mean(target, names)}"))
+        elif name not in in_flow:
+            problems.append((where, f"'{name}' is not in the flow, so it never rejects a unit"))
+        elif target in in_flow:
+            problems.append(
+                (where, f"'{target}' is in the flow at {in_flow[target]}; a rework station is not")
+            )
+        elif target in serves:
+            problems.append(
+                (where, f"'{target}' is already the rework station of '{serves[target]}'")
+            )
+        elif cfg.stations[target].on_reject is not None:
+            problems.append((where, f"rework station '{target}' may not have an on_reject"))
+        else:
+            serves[target] = name
+    return problems
+
+
 def _check_references(cfg: Line) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     names = sorted(cfg.stations)
@@ -749,6 +784,7 @@ def _check_references(cfg: Line) -> list[tuple[str, str]]:
                             "empty branch; remove it or give it at least one step",
                         )
                     )
+    problems.extend(_check_rework(cfg, used))
     problems.extend(_check_addresses(cfg))
     problems.extend(_check_endpoints(cfg))
     return problems

@@ -207,13 +207,23 @@ class Dispatcher:
             self._vacate(tok)
             self._drop(tok)
             return
-        if rejected:
+        node = self.flow.stations[st.name]
+        if rejected and node.on_reject is None:
             self.rejected += 1
             self._quarantine(unit, f"rejected at {st.name}", at, failed=tok)
             return
         tok.phase = Phase.DONE
         tok.done_at = at
-        self._advance(tok, next_after(self.flow.stations[st.name]), at)
+        if rejected:
+            log.info(
+                "unit %s rejected at %s: to rework at %s",
+                unit.serial,
+                st.name,
+                node.on_reject.station,
+            )
+            self._advance(tok, node.on_reject, at)
+        else:
+            self._advance(tok, next_after(node), at)
 
     def _advance(self, tok: Token, where: Node | Join | Exit, at: float) -> None:
         """Send a token that is done with its current place to ``where``."""
@@ -471,9 +481,7 @@ class Dispatcher:
         if self.events.active:
             station = next((t.station for t in unit.tokens if t.station), "")
             self.events.publish(
-                UnitChanged(
-                    kind, unit.id, unit.serial, station, reason, at, self.wall(at)
-                )
+                UnitChanged(kind, unit.id, unit.serial, station, reason, at, self.wall(at))
             )
 
     def _publish(self, now: float) -> None:

@@ -24,6 +24,8 @@ class Node:
 @dataclass(eq=False)
 class StationNode(Node):
     station: str = ""
+    on_reject: StationNode | None = None  # where a unit rejected here goes for rework
+    rework_of: StationNode | None = None  # for a rework station: the station it serves
 
 
 @dataclass(eq=False)
@@ -119,7 +121,15 @@ def compile_flow(line: Line) -> CompiledFlow:
             s.steps.append(node)
         return s
 
-    return CompiledFlow(seq(line.flow, "flow"), stations, routes, forks)
+    root = seq(line.flow, "flow")
+    for name, node in list(stations.items()):
+        rework = line.stations[name].on_reject
+        if rework is not None:
+            # Off the flow: no parent; next_after sends its units on after the station it serves.
+            node.on_reject = StationNode(f"{node.path}.on_reject", None, 0, station=rework)
+            node.on_reject.rework_of = node
+            stations[rework] = node.on_reject
+    return CompiledFlow(root, stations, routes, forks)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,8 @@ class Exit:
 
 def next_after(node: Node) -> Node | Join | Exit:
     """Where a token goes once it is done at ``node`` (a station, or a whole route/fork)."""
+    if isinstance(node, StationNode) and node.rework_of is not None:
+        return next_after(node.rework_of)  # reworked: on with the step after the one it failed
     seq = node.parent
     index = node.index
     while seq is not None:

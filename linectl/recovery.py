@@ -182,6 +182,9 @@ def replay(
         elif result == "pass":
             tok.open = False
             _advance(tok, next_after(node), out)
+        elif result == "reject" and node.on_reject is not None:
+            tok.open = False
+            _advance(tok, node.on_reject, out)  # sent to rework, as the dispatcher does
         elif result == "reject":
             out.rejected_at = out.failed_at = step.station
             tok.target = None

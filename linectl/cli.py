@@ -683,6 +683,7 @@ def certs_command(
 from linectl import simcli  # noqa: E402
 
 app.command("simulate")(simcli.simulate_command)
+app.command("replay")(simcli.replay_command)
 from linectl import service_cli  # noqa: E402 - its commands need the helpers above
 
 app.command(

@@ -126,3 +126,64 @@ def simulate_command(
         ],
         simulation_rows(results),
     )
+
+
+def replay_command(
+    config: Annotated[Path, typer.Argument(help="The recorded line's config.", show_default=False)],
+    flow: Annotated[
+        Path | None,
+        typer.Option(help="Config to replay under (default: CONFIG itself).", show_default=False),
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="Trace database URL (default: the config's).", show_default=False),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Units released at or after (ISO 8601; UTC if no zone).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Units released before (ISO 8601).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for cycles beyond the recording.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Replay a recorded run (each station's cycle times, rejects and faults from the trace)
+    under another flow or policy, in virtual time; recorded and replayed figures side by side."""
+    from linectl.cli import _fail, _iso, _load, _with_store
+    from linectl.errors import LinectlError
+    from linectl.replay import MAX_UNITS, ReplayError, replay, replay_rows
+    from linectl.simulate import run
+
+    recorded_line = _load(config)
+    other = _load(flow) if flow is not None else recorded_line
+    start, end = _iso(since, "--since"), _iso(until, "--until")
+
+    async def read(store: Any) -> Any:
+        return await store.units(None, start, end, None, MAX_UNITS + 1)
+
+    units = _with_store(config, db, read)
+    window = f"{since or 'the start'} to {until or 'the end'}"
+    if not any(u.steps for u in units):
+        typer.echo(
+            f"linectl replay: no steps of line '{recorded_line.line}' recorded from {window}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _quiet()
+    try:
+        result = run(replay(recorded_line, units, other, seed))
+    except ReplayError as exc:
+        typer.echo(f"linectl replay: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except LinectlError as exc:
+        _fail(exc)
+    for note in result.notes:
+        typer.echo(f"{flow or config}: {note}", err=True)
+    if as_json:
+        _json([result.to_dict()])
+        return
+    names = list(dict.fromkeys([*recorded_line.stations, *other.stations]))
+    _table(
+        f"{result.units:,} units released {window}: recorded, and replayed in virtual time "
+        "(line seconds)",
+        [(config.name, "recorded"), ((flow or config).name, "replayed")],
+        replay_rows(result, names),
+    )

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,11 +113,12 @@ def predicted(line: Line, plan: Plan) -> Analysis:
     return analyze(line, max(units, 1))
 
 
-def _driver_factory(seed: int) -> Callable[..., Any]:
+def _driver_factory(seed: int, scripts: Mapping[str, Any] | None = None) -> Callable[..., Any]:
     from linectl.drivers.inprocess import InProcessDriver
 
     def make(name: str, config: Any, stations: Any, sink: Any) -> Any:
-        return InProcessDriver(name, config, stations, sink, seed=seed)
+        mine = {n: s for n, s in (scripts or {}).items() if n in stations}
+        return InProcessDriver(name, config, stations, sink, seed=seed, scripts=mine)
 
     return make
 
@@ -152,9 +153,11 @@ async def run_once(
     seed: int,
     store_line: str | None = None,
     on_supervisor: Callable[[Any], None] | None = None,
+    scripts: Mapping[str, Any] | None = None,
 ) -> Measured:
     """One virtual run of ``line`` (as given: see ``virtual_line``); call it on a
-    ``linectl.virtual`` loop. ``on_supervisor(sup)`` sees the supervisor before it starts."""
+    ``linectl.virtual`` loop. ``on_supervisor(sup)`` sees the supervisor before it starts;
+    ``scripts`` (station -> cycles) replay recorded cycles (``InProcessDriver``)."""
     from linectl.supervisor import Supervisor
 
     loop = asyncio.get_running_loop()
@@ -173,7 +176,7 @@ async def run_once(
         sup = Supervisor(
             line,
             journal=Journal(store),
-            driver_factory=_driver_factory(seed),
+            driver_factory=_driver_factory(seed, scripts),
             exit_when_done=units is not None,
             drain_timeout_s=worst_lead,
         )

@@ -339,13 +339,13 @@ class NorthboundServer:
             stats = self.sup.statistics()
             updates = self._derived(stats)
             for name, st in stats.stations.items():
-                updates[f"Stations/{name}/CycleTime"] = st.ewma_cycle_s * self.line.time_scale
+                updates[f"Stations/{name}/CycleTime"] = st.ewma_cycle_s
             await self._write(updates, datetime.now(UTC))
 
     def _derived(self, stats: Any = None) -> dict[str, Any]:
         """Throughput (units/h over the last 5 min), predicted throughput, bottleneck, OEE."""
-        scale = self.line.time_scale
-        predicted = 3600.0 / (self.analysis.interval_s * scale)
+        # Statistics and analysis are both in line time (the clock undoes time_scale).
+        predicted = 3600.0 / self.analysis.interval_s
         bottleneck = constraint_of(self.analysis)
         if stats is None or stats.elapsed_s <= 0:
             return {
@@ -363,7 +363,7 @@ class NorthboundServer:
             "Line/Throughput": recent * 3600.0 / window,
             "Line/PredictedThroughput": predicted,
             "Line/Bottleneck": bottleneck,
-            "Line/OEE": line_oee(stats, self.analysis, scale).oee,
+            "Line/OEE": line_oee(stats, self.analysis).oee,
         }
 
 

@@ -17,6 +17,7 @@ from linectl.bottleneck import ConstraintMonitor
 from linectl.config import Line
 from linectl.configcheck import guard
 from linectl.journal import Journal
+from linectl.lineview import LineView
 from linectl.reload import drain_at_start, reload_config
 from linectl.service import serving
 from linectl.supervisor import Supervisor
@@ -26,7 +27,13 @@ log = logging.getLogger("linectl")
 
 @contextlib.asynccontextmanager
 async def _endpoints(
-    sup: Supervisor, line: Line, constraint: ConstraintMonitor, *, metrics: bool, api: bool
+    sup: Supervisor,
+    line: Line,
+    constraint: ConstraintMonitor,
+    view: LineView,
+    *,
+    metrics: bool,
+    api: bool,
 ) -> AsyncIterator[list[str]]:
     """Start the metrics and operator endpoints that exist; yield where they listen."""
     from linectl.forecast_api import Forecaster
@@ -59,9 +66,15 @@ async def _endpoints(
         if api:
             from linectl.api import serve_api
 
-            api_server = await serve_api(sup, line, extend=forecaster.add_routes)
+            def extend(operator) -> None:
+                forecaster.add_routes(operator)
+                view.mount(operator.app)
+
+            api_server = await serve_api(sup, line, extend=extend)
             stack.push_async_callback(api_server.stop)
+            stack.callback(view.close)  # end the browsers' streams before the endpoint stops
             where.append(f"operator api http://{line.api.host}:{api_server.port}/")
+            where.append(f"line view {api_server.http.url}/")
             if metrics:
                 server.watch(api_server.http)
         yield where
@@ -95,8 +108,9 @@ async def run_line(
             loop.add_signal_handler(sig, sup.stop)
         try:
             constraint = ConstraintMonitor(sup)
+            view = LineView(sup, constraint)
             async with (
-                _endpoints(sup, line, constraint, metrics=metrics, api=api) as where,
+                _endpoints(sup, line, constraint, view, metrics=metrics, api=api) as where,
                 asyncio.TaskGroup() as tg,
             ):
                 task = tg.create_task(sup.run(), name="supervisor")
@@ -107,6 +121,7 @@ async def run_line(
                         signal.SIGHUP,
                         lambda: tg.create_task(reload_config(sup, Path(source)), name="reload"),
                     )
+                viewing = tg.create_task(view.run(), name="lineview")
                 try:
                     async with serving(sup):  # systemd's READY and watchdog, if it asks
                         if on_ready is not None:
@@ -121,6 +136,7 @@ async def run_line(
                     watch.cancel()
                     if drain is not None:
                         drain.cancel()
+                    viewing.cancel()
                     if not task.done():
                         sup.stop()
                     await task

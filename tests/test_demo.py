@@ -65,12 +65,16 @@ async def test_demo_runs_units_serves_metrics_and_stops_cleanly_on_ctrl_c(tmp_pa
                 line = (await proc.stdout.readline()).decode()
                 assert line, (await proc.stderr.read()).decode()[-2000:]
         url = re.search(r"metrics (http://\S+/metrics)", line).group(1)
+        view = re.search(r"line view (http://\S+/)", line).group(1)
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(view, timeout=2).read())
+        assert b"/static/lineview.js" in page  # the live line view is served
         await eventually(lambda: finished(url) >= 3, within=20, what="3 units through the demo")
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(20):
             out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()[-2000:]
         assert "units/h" in out.decode()  # the live board was drawn
+        assert "constraint" in out.decode()  # with the measured constraint
         assert (tmp_path / "demo.sqlite3").exists()  # the embedded trace database
     finally:
         if proc.returncode is None:

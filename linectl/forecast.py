@@ -43,8 +43,6 @@ MAX_REPLICATIONS = 100
 MAX_LINE_HOURS = 500.0
 TIMEOUT_S = 120.0
 MAX_RESULT_BYTES = 1_000_000
-# The virtual clock's start (see simulate.CLOCK_START).
-CLOCK_START = 1.0
 
 
 class ForecastError(LinectlError):
@@ -213,14 +211,13 @@ class _Steps:
 
 def snapshot(sup: Any) -> Snapshot:
     """The live state of a running supervisor (its public surface), in line seconds."""
-    now = sup.now()
-    scale = sup.line.time_scale
+    now = sup.now()  # line time, as every time the supervisor keeps
     taken_at = datetime.now(UTC)
     units = []
     for unit in sorted(sup.units.values(), key=lambda u: u.id):
         positions = [p for t in unit.tokens if (p := _position(sup.flow, t)) is not None]
         steps = _Steps(unit, positions, taken_at).all() if positions else ()
-        units.append(SnapUnit(unit.id, unit.serial, (now - unit.released_at) / scale, steps))
+        units.append(SnapUnit(unit.id, unit.serial, now - unit.released_at, steps))
     running = []
     for st in sup.stations.values():
         for slot in st.slots:
@@ -228,7 +225,7 @@ def snapshot(sup: Any) -> Snapshot:
             if tok is None or tok.phase not in (Phase.COMMANDED, Phase.RUNNING):
                 continue
             since = slot.executing_since
-            elapsed = (now - since) / scale if since is not None else 0.0
+            elapsed = now - since if since is not None else 0.0
             running.append(InProgress(st.name, slot.index, tok.seq, max(elapsed, 0.0)))
     return Snapshot(
         line=sup.line,
@@ -433,7 +430,7 @@ def forecast(snap: Snapshot, until: datetime, replications: int, seed: int = 1) 
     async def runs() -> list[int]:
         return [await finished_by(snap, horizon, s) for s in seeds]
 
-    counts = virtual.run(runs(), start=CLOCK_START)
+    counts = virtual.run(runs())
     return Forecast(
         snap.line.line,
         snap.taken_at,

@@ -53,9 +53,6 @@ DEFAULT_SEED = 1
 # A virtual run that has not ended this many predicted makespans in is stuck (a flow that
 # cannot finish): it is stopped with an error rather than simulated forever.
 DEADLINE_FACTOR = 20.0
-# The virtual clock's start. Not 0 until the dispatcher stops reading a clock at 0 as "not
-# started" (issue 12, part 1).
-CLOCK_START = 1.0
 # "memory" as a --db: a throwaway SQLite file, on tmpfs where there is one.
 MEMORY = "memory"
 _TMPFS = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -280,7 +277,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` (``simulate``, ``run_once``...) on a new virtual-time loop."""
-    return virtual.run(main, start=CLOCK_START)
+    return virtual.run(main)
 
 
 async def simulate(

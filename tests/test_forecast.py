@@ -63,7 +63,7 @@ def live_run(line, at_s: float, horizon_s: float):
             await sup.run()
         return taken[0], later[0]
 
-    return virtual.run(main(), start=1.0)
+    return virtual.run(main())
 
 
 @pytest.mark.parametrize(
@@ -134,6 +134,11 @@ async def test_ctl_forecasts_a_live_line_and_the_gauge_shows_it(tmp_path):
         metrics = await serve_metrics(run.sup, run.sim.line, port=0, forecaster=forecaster)
         try:
             await run.wait_finished(3)
+            snap = snapshot(run.sup)  # in line seconds, whatever the time scale
+            assert snap.in_progress
+            for p in snap.in_progress:
+                assert 0 <= p.elapsed_s <= 1.5 * run.sup.line.stations[p.station].cycle_s
+            assert all(0 < u.age_s < 60 for u in snap.units)
             config = tmp_path / "line.yaml"
             config.write_text(text.replace("api: {port: 0}", f"api: {{port: {api.port}}}"))
             until = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()

@@ -1,17 +1,24 @@
 """TraceStore: the asyncio face of the trace database.
 
-Writes go through one bounded queue to one writer task, which commits them in order, many per
-transaction, in a worker thread that owns the write connection. ``step_commanded`` returns only
-once its row is committed, because the caller commands the PLC right after: that is the
-write-ahead intent a restart reconciles against. Other writes return once queued; ``flush``
-waits for all of them. If a transaction fails, the store stops taking writes and every caller
-after that, and ``close``, gets the StoreError: no write is dropped without someone hearing.
+Writes go through one bounded queue to one long-lived writer thread, which owns the write
+connection and commits them in order, everything queued at that moment in one transaction:
+writes made while a commit is in flight share the next one (group commit). Putting a write on
+the queue costs no thread hop; the writer calls back into the event loop only for a batch
+that someone awaits (a durable write or a flush), for room in a full queue, and for a failure.
+
+``step_commanded`` returns only once its row is committed, because the caller commands the PLC
+right after: that is the write-ahead intent a restart reconciles against. Other writes return
+once queued; ``flush`` waits for all of them. If a transaction fails, the store stops taking
+writes and every caller after that, and ``close``, gets the StoreError: no write is dropped
+without someone hearing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +47,7 @@ from linectl.store.records import (
     UnitTrace,
 )
 from linectl.store.schema import prepare
-from linectl.store.writes import Write, apply_batch
+from linectl.store.writes import Writer
 
 log = logging.getLogger("linectl.store")
 
@@ -80,10 +87,19 @@ class TraceStore:
         self._engine = engine
         self._where = where
         self.line = line
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"store-write-{line}")
+        # (kind, params, future or None): put by the event loop, taken by the writer thread.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue_size = queue_size
+        self._put = 0  # items ever put; written by the event loop only
+        self._taken = 0  # items ever taken; written by the writer thread only
+        self._room = asyncio.Event()
+        self._room_wanted = False
+        self._abandoned = False  # close() was cancelled: the writer stops after its batch
         self._reader_threads = ThreadPoolExecutor(2, thread_name_prefix=f"store-read-{line}")
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._writer_done: asyncio.Future[None] | None = None
+        self._in_flight: list[Any] = []  # the batch the writer is committing
         self._accepting = True
         self._closed = False
         self._failure: StoreError | None = None
@@ -111,12 +127,12 @@ class TraceStore:
         store = cls(engine, where, line, queue_size)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(store._writer_thread, store._prepare, url, create)
+            await loop.run_in_executor(store._reader_threads, store._prepare, url, create)
         except BaseException:
             # Also on cancellation: the threads exit once the prepare under way ends.
             store._release(wait=False)
             raise
-        store._task = asyncio.create_task(store._write_loop(), name=f"trace store writer {line}")
+        store._start_writer(loop)
         return store
 
     def _prepare(self, url: str, create: bool) -> None:
@@ -134,29 +150,36 @@ class TraceStore:
         if self._closed:
             return
         self._accepting = False
-        task = self._task
         drained = False
         try:
-            if task is not None and not task.done():
-                await self._queue.put(_STOP)
-            if task is not None:
-                await task
+            if self._writer_done is not None:
+                if not self._writer_done.done():
+                    self._queue.put(_STOP)
+                await asyncio.shield(self._writer_done)
             drained = True
         finally:
-            if task is not None and not task.done():
-                # close() itself was cancelled (a shutdown deadline): so is the writer.
-                task.cancel()
+            if not drained:
+                # close() itself was cancelled (a shutdown deadline): so is the writer. It may
+                # be stuck in a commit: do not block the loop on it; it ends after that commit.
+                self._abandoned = True
+                self._queue.put(_STOP)
+                self._fail(
+                    StoreError(
+                        f"trace store {self._where}: writer cancelled; writes not confirmed"
+                    ),
+                    [],
+                )
             self._closed = True
-            # Cancelled, the writer thread may be stuck in a commit: do not block the loop on
-            # it; it ends when that commit does.
             self._release(wait=drained)
         if self._failure is not None:
             raise self._error()
 
     def _release(self, *, wait: bool) -> None:
-        self._writer_thread.shutdown(wait=wait, cancel_futures=True)
+        if wait and self._thread is not None:
+            self._thread.join()
         self._reader_threads.shutdown(wait=wait, cancel_futures=True)
-        self._engine.dispose()
+        if wait or self._thread is None:
+            self._engine.dispose()
 
     async def __aenter__(self) -> TraceStore:
         return self
@@ -181,68 +204,99 @@ class TraceStore:
 
     async def _submit(self, kind: str, params: dict[str, Any], *, durable: bool = False) -> None:
         self._check_writable()
-        future = asyncio.get_running_loop().create_future() if durable else None
-        await self._queue.put((kind, params, future))
-        if self._failure is not None:
-            # The writer died while we waited for room; nobody will take this write.
-            raise self._error()
+        while self._put - self._taken >= self._queue_size:
+            # Full: wait until the writer takes a batch. Ask first, then look again, so a
+            # batch taken in between is not missed (the writer reads the flag after taking).
+            self._room.clear()
+            self._room_wanted = True
+            if self._put - self._taken < self._queue_size:
+                break
+            await self._room.wait()
+            self._check_writable()
+        future = self._loop.create_future() if durable else None
+        self._queue.put((kind, params, future))
+        self._put += 1
         if kind != "flush":
             self._writes_queued += 1
         if future is not None:
             await future
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch: list[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = []
-        stopping = False
+    def _start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._writer_done = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._write_forever, name=f"store-write-{self.line}", daemon=True
+        )
+        self._thread.start()
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` in the event loop's thread (from the writer thread)."""
+        assert self._loop is not None
         try:
-            while not (stopping and self._queue.empty()):
-                items = [await self._queue.get()]
-                while len(items) < _MAX_BATCH and not self._queue.empty():
-                    items.append(self._queue.get_nowait())
-                stopping = stopping or any(item is _STOP for item in items)
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to tell
+
+    def _write_forever(self) -> None:
+        """The writer thread: take everything queued, commit it in one transaction, repeat."""
+        writer = Writer(self._engine, self._where)
+        try:
+            stopping = False
+            while not stopping and not self._abandoned:
+                items = [self._queue.get()]
+                while len(items) < _MAX_BATCH:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self._taken += len(items)
+                if self._room_wanted:
+                    self._room_wanted = False
+                    self._to_loop(self._room.set)
+                stopping = any(item is _STOP for item in items)
                 batch = [item for item in items if item is not _STOP]
-                if not batch:
+                if not batch or self._abandoned:
                     continue
-                writes: list[Write] = [(kind, params) for kind, params, _ in batch]
+                self._in_flight = batch
                 started = time.perf_counter()
-                done, error = await loop.run_in_executor(
-                    self._writer_thread, apply_batch, self._engine, self._where, writes
-                )
+                done, error = writer.apply([(kind, params) for kind, params, _ in batch])
                 self._last_latency = time.perf_counter() - started
+                self._in_flight = []
                 self._batches += 1
                 self._last_batch_size = len(batch)
                 self._writes_committed += sum(1 for kind, _, _ in batch[:done] if kind != "flush")
-                for _, _, future in batch[:done]:
-                    if future is not None and not future.done():
-                        future.set_result(None)
+                waiting = [future for _, _, future in batch[:done] if future is not None]
+                if waiting:
+                    self._to_loop(_resolve, waiting)
                 if error is not None:
-                    self._fail(error, batch[done:])
+                    self._to_loop(self._fail, error, batch[done:])
                     return
-                batch = []
-        except asyncio.CancelledError:
-            self._fail(
-                StoreError(f"trace store {self._where}: writer cancelled; writes not confirmed"),
-                batch,
-            )
-            raise
-        except Exception as exc:
+        except Exception as exc:  # a bug here must fail the store loudly, not hang its callers
             error = StoreError(f"trace store {self._where}: writer failed: {exc!r}")
             error.__cause__ = exc
-            self._fail(error, batch)
+            self._to_loop(self._fail, error, [])
+        finally:
+            writer.close()
+            self._to_loop(_resolve, [self._writer_done])
 
     def _fail(self, error: StoreError, lost: list[Any]) -> None:
-        self._failure = error
+        if self._failure is None:
+            self._failure = error
         self._accepting = False
         # Drain the queue so blocked writers wake up and see the failure.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
             if item is not _STOP:
                 lost.append(item)
-        log.error("%s; %d write(s) not recorded", error, len(lost))
+        if lost or not self._closed:
+            log.error("%s; %d write(s) not recorded", error, len(lost))
         for _, _, future in lost:
             if future is not None and not future.done():
                 future.set_exception(self._error())
+        self._room.set()
 
     # --- Writes -------------------------------------------------------------------------------
 
@@ -540,9 +594,15 @@ class TraceStore:
             writes_queued=self._writes_queued,
             writes_committed=self._writes_committed,
             batches=self._batches,
-            queue_depth=self._queue.qsize(),
-            queue_size=self._queue.maxsize,
+            queue_depth=max(0, self._put - self._taken),
+            queue_size=self._queue_size,
             last_batch_size=self._last_batch_size,
             last_commit_latency_s=self._last_latency,
             failed=self._failure is not None,
         )
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)

@@ -56,6 +56,11 @@ T = TypeVar("T")
 _U32_MAX = 2**32 - 1
 # Writes per transaction at most: bounds the latency an intent queued behind a burst sees.
 _MAX_BATCH = 2_000
+# How long writes nobody awaits may wait for company before the writer commits them anyway.
+# Each commit is a sync to disk; without this a handover's few bookkeeping writes (accepted,
+# finished, reset) would each get a commit of their own right after the intent's. Anything
+# awaited (an intent, a flush, a close) is committed at once, taking the waiting writes along.
+_LINGER_S = 0.05
 _STOP = object()
 
 
@@ -237,18 +242,39 @@ class TraceStore:
         except RuntimeError:
             pass  # the loop is closed: nobody is left to tell
 
+    def _take(self) -> list[Any]:
+        """The next batch: everything queued, once something in it is awaited or the first
+        write has waited ``_LINGER_S`` (at most a full queue, and ``_MAX_BATCH``)."""
+        most = min(_MAX_BATCH, self._queue_size)
+        item = self._queue.get()
+        items = [item]
+        urgent = item is _STOP or item[2] is not None
+        deadline = None
+        while len(items) < most:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if urgent or self._room_wanted:
+                    break
+                now = time.monotonic()
+                deadline = now + _LINGER_S if deadline is None else deadline
+                if now >= deadline:
+                    break
+                try:
+                    item = self._queue.get(timeout=deadline - now)
+                except queue.Empty:
+                    break
+            items.append(item)
+            urgent = urgent or item is _STOP or item[2] is not None
+        return items
+
     def _write_forever(self) -> None:
         """The writer thread: take everything queued, commit it in one transaction, repeat."""
         writer = Writer(self._engine, self._where)
         try:
             stopping = False
             while not stopping and not self._abandoned:
-                items = [self._queue.get()]
-                while len(items) < _MAX_BATCH:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
+                items = self._take()
                 self._taken += len(items)
                 if self._room_wanted:
                     self._room_wanted = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 
+from linectl import aio
 from linectl.analysis import analyze as analyze_line
 from linectl.analysis import comparison_rows
 from linectl.config import Line, json_schema, load_config
@@ -171,7 +171,7 @@ def compare_command(
     ) as progress:
         bars = [progress.add_task(line.line, total=units) for _, line in lines]
         try:
-            results = asyncio.run(
+            results = aio.run(
                 cmp.compare(
                     lines, on_progress=lambda i, done: progress.update(bars[i], completed=done)
                 )
@@ -242,7 +242,7 @@ def _with_store(config: Path, db: str | None, work: Callable[[Any], Awaitable[An
             return await work(store)
 
     try:
-        return asyncio.run(run())
+        return aio.run(run())
     except LinectlError as exc:
         _fail(exc)
 
@@ -425,9 +425,7 @@ def sim_command(
 
     try:
         cfg = load_config(config)
-        asyncio.run(
-            serve(cfg, control_port=control_port, free_ports=free_ports, announce=typer.echo)
-        )
+        aio.run(serve(cfg, control_port=control_port, free_ports=free_ports, announce=typer.echo))
     except ConfigError as exc:
         _fail(exc)
     except OSError as exc:  # a port already taken, named by the server that wanted it
@@ -488,7 +486,6 @@ def run_command(
     migrate: MigrateOption = None,
 ) -> None:
     """Run the supervisor against the PLCs in CONFIG until Ctrl-C or SIGTERM."""
-    import asyncio
 
     from linectl.app import run_line
     from linectl.configcheck import parse_migrations
@@ -505,7 +502,7 @@ def run_command(
         typer.echo(f"linectl: running line '{line.line}'; " + "; ".join(where), err=True)
 
     try:
-        asyncio.run(
+        aio.run(
             run_line(
                 line,
                 db_url=db,
@@ -530,7 +527,6 @@ def demo_command(
     log_format: LogFormatOption = LogFormat.human,
 ) -> None:
     """Simulated PLCs, supervisor and metrics in one command, with a live status board."""
-    import asyncio
     import logging
 
     from linectl.app import demo_db, run_line
@@ -551,7 +547,7 @@ def demo_command(
             await run_line(sim.line, db_url=demo_db(line), on_ready=ready, status=live_status)
 
     try:
-        asyncio.run(demo())
+        aio.run(demo())
     except LinectlError as exc:
         _fail(exc)
     except OSError as exc:

@@ -1,0 +1,51 @@
+"""The event loop linectl runs on: uvloop when installed, asyncio when asked for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linectl import aio
+from linectl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _which() -> str:
+    return aio.loop_name()
+
+
+def test_run_uses_uvloop_when_installed_and_asyncio_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("uvloop")
+    monkeypatch.delenv("LINECTL_LOOP", raising=False)
+    assert aio.run(_which()) == "uvloop"
+    monkeypatch.setenv("LINECTL_LOOP", "asyncio")
+    assert aio.run(_which()) == "asyncio"
+    assert aio.run(_which(), loop="uvloop") == "uvloop"
+
+
+def test_an_unknown_loop_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LINECTL_LOOP", "trio")
+    with pytest.raises(ConfigError, match="LINECTL_LOOP: must be one of uvloop, asyncio"):
+        aio.run(_which())
+
+
+def test_the_cli_names_a_bad_loop_setting_in_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "linectl.cli", "units", "config/demo.yaml", "--db", "sqlite:///x"],
+        cwd=ROOT,
+        env={**os.environ, "LINECTL_LOOP": "trio"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "LINECTL_LOOP: must be one of uvloop, asyncio, not 'trio'"
+    ]

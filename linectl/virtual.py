@@ -5,10 +5,11 @@ Everything that reads ``loop.time()`` and waits through the loop (``asyncio.slee
 unchanged, but an hour of line time passes in the CPU time its events take. Like Trio's
 autojump clock, the jump happens only when the loop has nothing ready to run.
 
-Work outside the loop is the exception: a trace-store commit in an executor thread takes real
+Work outside the loop is the exception: a trace-store commit in its writer thread takes real
 time, and the line must not move on while it is in flight (the journal's write-ahead intent is
-awaited before a START). So ``run_in_executor`` work is counted, and while any is pending the
-loop waits for real I/O with its clock standing still. Other real I/O (sockets) is polled but
+awaited before a START). So ``run_in_executor`` work, and any future passed to ``hold`` (the
+store's awaited commits), is counted, and while any is pending the loop waits for real I/O
+with its clock standing still. Other real I/O (sockets) is polled but
 not waited for: a virtual run talks to nothing over a network.
 """
 
@@ -97,7 +98,11 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
     def run_in_executor(
         self, executor: Any, func: Callable[..., T], *args: Any
     ) -> asyncio.Future[T]:
-        future = super().run_in_executor(executor, func, *args)
+        return self.hold(super().run_in_executor(executor, func, *args))
+
+    def hold(self, future: asyncio.Future[T]) -> asyncio.Future[T]:
+        """Count ``future``, settled by another thread (the trace store's writer), as work
+        outside the loop, like an executor call, until it is done."""
         self._external += 1
         future.add_done_callback(self._external_done)
         return future

@@ -62,6 +62,8 @@ _MAX_BATCH = 2_000
 # awaited (an intent, a flush, a close) is committed at once, taking the waiting writes along.
 _LINGER_S = 0.05
 _STOP = object()
+_CALL = "call"  # a queue item (_CALL, function, future): run on the writer thread, in order
+_MARKERS = ("flush", _CALL)  # queue items that are not writes
 
 
 def _utc(at: datetime, what: str) -> datetime:
@@ -221,10 +223,26 @@ class TraceStore:
         future = self._loop.create_future() if durable else None
         self._queue.put((kind, params, future))
         self._put += 1
-        if kind != "flush":
+        if kind not in _MARKERS:
             self._writes_queued += 1
         if future is not None:
-            await future
+            await self._hold(future)
+
+    def _hold(self, future: asyncio.Future[T]) -> asyncio.Future[T]:
+        """``future``, which the writer thread settles: a virtual-time loop (linectl.virtual)
+        must stand still until it does, as it does for executor work."""
+        hold = getattr(self._loop, "hold", None)
+        if hold is not None:
+            hold(future)
+        return future
+
+    async def _on_writer(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the writer thread after every write queued before it is committed."""
+        self._check_writable()
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((_CALL, fn, future))
+        self._put += 1
+        return await self._hold(future)
 
     def _start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -250,7 +268,8 @@ class TraceStore:
         items = [item]
         urgent = item is _STOP or item[2] is not None
         deadline = None
-        while len(items) < most:
+        # A call ends a batch: it runs once the writes before it are committed.
+        while len(items) < most and (items[-1] is _STOP or items[-1][0] != _CALL):
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -283,20 +302,13 @@ class TraceStore:
                 batch = [item for item in items if item is not _STOP]
                 if not batch or self._abandoned:
                     continue
-                self._in_flight = batch
-                started = time.perf_counter()
-                done, error = writer.apply([(kind, params) for kind, params, _ in batch])
-                self._last_latency = time.perf_counter() - started
-                self._in_flight = []
-                self._batches += 1
-                self._last_batch_size = len(batch)
-                self._writes_committed += sum(1 for kind, _, _ in batch[:done] if kind != "flush")
-                waiting = [future for _, _, future in batch[:done] if future is not None]
-                if waiting:
-                    self._to_loop(_resolve, waiting)
-                if error is not None:
-                    self._to_loop(self._fail, error, batch[done:])
+                self._in_flight = list(batch)
+                call = batch.pop() if batch[-1][0] == _CALL else None
+                if batch and not self._commit(writer, batch):
                     return
+                if call is not None:
+                    self._call(call)
+                self._in_flight = []
         except Exception as exc:  # a bug here must fail the store loudly, not hang its callers
             error = StoreError(f"trace store {self._where}: writer failed: {exc!r}")
             error.__cause__ = exc
@@ -304,6 +316,31 @@ class TraceStore:
         finally:
             writer.close()
             self._to_loop(_resolve, [self._writer_done])
+
+    def _commit(self, writer: Writer, batch: list[Any]) -> bool:
+        """Commit ``batch`` (writer thread); tell whoever waits; False if the store failed."""
+        started = time.perf_counter()
+        done, error = writer.apply([(kind, params) for kind, params, _ in batch])
+        self._last_latency = time.perf_counter() - started
+        self._batches += 1
+        self._last_batch_size = len(batch)
+        self._writes_committed += sum(1 for kind, _, _ in batch[:done] if kind not in _MARKERS)
+        waiting = [future for _, _, future in batch[:done] if future is not None]
+        if waiting:
+            self._to_loop(_resolve, waiting)
+        if error is not None:
+            self._to_loop(self._fail, error, batch[done:])
+            return False
+        return True
+
+    def _call(self, call: tuple[str, Callable[[], Any], asyncio.Future[Any]]) -> None:
+        _, fn, future = call
+        try:
+            result = fn()
+        except Exception as exc:  # the caller's to handle, in the loop
+            self._to_loop(_settle, future, None, exc)
+        else:
+            self._to_loop(_settle, future, result, None)
 
     def _fail(self, error: StoreError, lost: list[Any]) -> None:
         if self._failure is None:
@@ -597,7 +634,7 @@ class TraceStore:
                 orig = getattr(exc, "orig", None) or exc
                 raise StoreError(f"trace store {self._where}: migration failed: {orig}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
+        return await self._on_writer(run)
 
     async def figures(self) -> DbFigures:
         """The database's size and its oldest stored step, for metrics (index lookups only)."""
@@ -626,6 +663,15 @@ class TraceStore:
             last_commit_latency_s=self._last_latency,
             failed=self._failure is not None,
         )
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:

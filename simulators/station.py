@@ -223,6 +223,10 @@ class SimStation:
         else:
             raise ValueError(f"unknown violation kind {kind!r}; use state, unit or seq")
 
+    def show(self, slot: int, status: SlotStatus) -> None:
+        """Fault injection: show exactly ``status`` (e.g. the one from before a violation)."""
+        self._set(slot, **{f: getattr(status, f) for f in SlotStatus.__slots__})
+
     def stop(self) -> None:
         for s in self._slots:
             if s.timer is not None:

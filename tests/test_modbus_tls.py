@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from linectl.config import Line, parse_config
 from linectl.contract import HEADER_WORDS, S_STATE, Command, State, command_address
 from linectl.drivers import modbus
+from linectl.drivers.base import ConnectionChange
 from linectl.drivers.modbus import WriteArea, write_allow_list
 from linectl.errors import ConfigError, ProtocolViolation
 from linectl.security import generate_certificate, write_certificate
@@ -128,7 +129,9 @@ async def refused(line: Line, within: float = 2.0) -> str:
         reason = await eventually(
             lambda: driver.statistics().last_error, within=within, what="a failed connect"
         )
-        assert not driver.connected and events.seen == []
+        assert not driver.connected
+        # The outage is told once, with the same reason, and nothing else.
+        assert [(type(e), e.connected) for e in events.seen] == [(ConnectionChange, False)]
     return reason
 
 

@@ -161,7 +161,9 @@ class DriverCore(PlcDriver):
         self._sink(ConnectionChange(self.name, True, "connected", now))
 
     def _lost(self, error: BaseException) -> None:
-        """Tell a loss once per outage; a connect that keeps failing is logged at debug."""
+        """Tell a loss once per outage, with its reason, also when the very first connect fails
+        (so the supervisor can say why a PLC is unreachable); a connect that keeps failing is
+        logged at debug."""
         now = self.now()
         reason = str(error)
         self._last_error = reason
@@ -169,11 +171,9 @@ class DriverCore(PlcDriver):
         if self._down_since is None:
             self._down_since = now
             self._reminder.start(now)
-            was_connected = self._connects > 0
-            what = "connection lost" if was_connected else "unreachable"
+            what = "connection lost" if self._connects else "unreachable"
             log.warning("%s %s: %s", self.where, what, detail, extra={"plc": self.name})
-            if was_connected:
-                self._sink(ConnectionChange(self.name, False, reason, now))
+            self._sink(ConnectionChange(self.name, False, reason, now))
         elif self._reminder.due(now):
             # Neither a line per attempt nor silence: again after 1 min, 2, 4 ... up to 1 h.
             log.warning(
@@ -236,7 +236,7 @@ class DriverCore(PlcDriver):
 
     # --- requests ------------------------------------------------------------------------
 
-    def _answered(self, started: float) -> None:
+    def _request_done(self, started: float) -> None:
         self._consecutive_timeouts = 0
         self._request_seconds += self.now() - started
 
@@ -296,8 +296,11 @@ class DriverCore(PlcDriver):
         if self._violations.get((station, slot)) == message:
             return
         self._violations[(station, slot)] = message
-        if slot is not None:
-            self._last[(station, slot)] = None  # tell the recovered status, whatever it is
+        # Tell the recovered status, whatever it is: the supervisor holds the station faulted
+        # until it hears from the slot (from every slot, after a station-wide violation).
+        slots = range(self.stations[station].capacity) if slot is None else (slot,)
+        for s in slots:
+            self._last[(station, s)] = None
         log.warning("%s", message)
         error = ProtocolViolation(message, plc=self.name, station=station)
         self._sink(StationViolation(self.name, station, slot, error, at))

@@ -21,7 +21,6 @@ import os
 import random
 import ssl
 import struct
-import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
@@ -47,23 +46,14 @@ from linectl.contract import (
     encode_command,
     slot_base,
 )
-from linectl.drivers.base import (
-    Backoff,
-    ConnectionChange,
-    DriverStatistics,
-    EventSink,
-    PlcDriver,
-    SlotGuard,
-    SlotUpdate,
-    StationViolation,
-)
+from linectl.drivers.base import EventSink
+from linectl.drivers.core import DriverCore
 from linectl.drivers.modbus_map import BlockRead, WriteArea, plan_reads, write_allow_list
 from linectl.errors import (
     CommandRefused,
     ConfigError,
     PlcConnectionLost,
     PlcError,
-    PlcTimeout,
     ProtocolViolation,
 )
 from linectl.security import PlcSecurityError
@@ -71,8 +61,6 @@ from linectl.tls import LossReason, client_context, describe_tls_error
 
 log = logging.getLogger(__name__)
 
-# One unanswered request may be a hiccup; this many in a row is a half-open connection.
-MAX_CONSECUTIVE_TIMEOUTS = 2
 _EXCEPTION_NAMES = {
     1: "ILLEGAL_FUNCTION",
     2: "ILLEGAL_DATA_ADDRESS",
@@ -110,10 +98,6 @@ def _exception_name(response: ModbusPDU) -> str:
     return f"{_EXCEPTION_NAMES.get(code, 'exception')} ({code})"
 
 
-def _detail(message: str, where: str) -> str:
-    return message.removeprefix(f"{where}: ")
-
-
 def _command_name(code: int) -> str:
     try:
         return Command(code).name
@@ -121,12 +105,12 @@ def _command_name(code: int) -> str:
         return f"code {code}"
 
 
-class ModbusDriver(PlcDriver):
+class ModbusDriver(DriverCore):
     """One Modbus TCP PLC: polls its station blocks, sends commands, reconnects with backoff.
 
-    Polls never overlap: the next one starts ``poll_interval_s`` after the previous one started,
-    or at once if that one overran (no catch-up burst). The first poll is delayed by a random
-    fraction of the interval so a hundred PLCs are not read in the same millisecond.
+    The connection's life, the poll schedule (never overlapping, first poll jittered), the
+    heartbeat and what is told to the supervisor are ``DriverCore``'s; this class reads and
+    writes registers.
     """
 
     protocol = "modbus"
@@ -141,70 +125,37 @@ class ModbusDriver(PlcDriver):
         *,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        super().__init__(name, config, stations, sink)
-        self._rng = rng
+        super().__init__(name, config, stations, sink, rng=rng)
         self._reads = plan_reads(self.stations)
+        self.has_heartbeat = bool(self._reads)  # a PLC without stations shows no heartbeat
         self._base = {n: int(st.address) for n, st in self.stations.items()}
         self._writable = write_allow_list(self.stations)
         self._loss: LossReason | None = None  # why the TLS connection ended, if it told
         self._answered = False  # whether the PLC answered anything on this connection
-        self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng=rng)
         self._client: AsyncModbusTcpClient | None = None
         self._lock = asyncio.Lock()  # one request at a time on the one connection
         self._in_flight = False
-        self._consecutive_timeouts = 0
-        # What we last saw and told, per station or (station, slot).
-        self._raw: dict[str, list[int]] = {}
-        self._last: dict[tuple[str, int], SlotStatus | None] = {}
-        self._guard = SlotGuard()
-        self._violations: dict[tuple[str, int | None], str] = {}
-        self._heartbeat: int | None = None
-        self._heartbeat_at = 0.0
-        # Statistics.
+        self._raw: dict[str, list[int]] = {}  # each station's block as last decoded
         self.polls_started = 0
-        self._requests = 0
-        self._errors = 0
-        self._reconnects = 0
-        self._request_seconds = 0.0
-        self._connected_at: float | None = None
-        self._last_error = ""
 
-    # --- the connection's life ------------------------------------------------------------------
+    # --- the transport --------------------------------------------------------------------
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(self._rng() * self.config.poll_interval_s)
-        ever_connected = False
-        down_since: float | None = None
-        while True:
-            try:
-                self._client = await self._connect()
-                await self._resync()
-                if ever_connected:
-                    self._reconnects += 1
-                if down_since is not None:
-                    log.warning("%s recovered after %.1f s", self.where, loop.time() - down_since)
-                    down_since = None
-                else:
-                    log.info("%s connected", self.where)
-                ever_connected = True
-                await self._poll_forever()
-            except PlcError as exc:
-                reason = str(exc)
-                self._last_error = reason
-                was_connected = self.connected
-                self._disconnect()
-                if was_connected:
-                    self._sink(ConnectionChange(self.name, False, reason, loop.time()))
-                if down_since is None:
-                    down_since = loop.time()
-                    what = "connection lost" if was_connected else "unreachable"
-                    log.warning("%s %s: %s", self.where, what, _detail(reason, self.where))
-                else:
-                    log.debug("%s still unreachable: %s", self.where, _detail(reason, self.where))
-            finally:
-                self._disconnect()
-            await asyncio.sleep(self._backoff.next_delay())
+    async def _open(self) -> None:
+        try:
+            self._client = await self._connect()
+        except PlcError as exc:
+            self._failed(str(exc))
+            raise
+
+    async def _read_all(self, *, resync: bool) -> None:
+        self._raw.clear()
+        await self._poll(resync=resync)
+
+    async def _follow(self) -> None:
+        await self._poll_forever(lambda: self._poll(resync=False), self.config.poll_interval_s)
+
+    async def _close(self) -> None:
+        self._disconnect()
 
     async def _connect(self) -> AsyncModbusTcpClient:
         c = self.config
@@ -311,57 +262,24 @@ class ModbusDriver(PlcDriver):
         client, self._client = self._client, None
         if client is not None:
             client.close()
-        self._connected.clear()
-        self._connected_at = None
-
-    async def _resync(self) -> None:
-        """Re-read every station; emit every slot (resync), then announce the connection."""
-        self._raw.clear()
-        self._last.clear()
-        self._violations.clear()
-        self._heartbeat = None
-        self._consecutive_timeouts = 0
-        await self._poll(resync=True)
-        loop = asyncio.get_running_loop()
-        self._connected_at = time.monotonic()
-        self._connected.set()
-        self._sink(ConnectionChange(self.name, True, "connected", loop.time()))
-
-    async def _poll_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.config.poll_interval_s
-        next_at = loop.time() + interval
-        while True:
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            next_at = max(next_at + interval, loop.time())
-            try:
-                await self._poll(resync=False)
-            except PlcTimeout as exc:
-                if self._consecutive_timeouts >= MAX_CONSECUTIVE_TIMEOUTS:
-                    raise PlcConnectionLost(
-                        f"{self.where}: no answer to {self._consecutive_timeouts} requests in a "
-                        f"row (half-open connection?)",
-                        plc=self.name,
-                    ) from exc
-            self._check_heartbeat(loop.time())
-
-    def _check_heartbeat(self, now: float) -> None:
-        if self._reads and now - self._heartbeat_at > self.config.heartbeat_timeout_s:
-            raise PlcConnectionLost(
-                f"{self.where}: heartbeat frozen at {self._heartbeat} for "
-                f"{now - self._heartbeat_at:.1f} s",
-                plc=self.name,
-            )
 
     # --- requests: the one place pymodbus errors are translated ------------------------------
 
     async def _request(
         self, what: str, call: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]
     ) -> ModbusPDU:
-        loop = asyncio.get_running_loop()
-        async with self._lock:
+        """One request on the one connection. Two deadlines of ``timeout_s`` each: waiting for
+        the request in flight (a poll's read) to finish, then this request's answer."""
+        timeout = self.config.timeout_s
+        waiting = self.now()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._lock.acquire()
+        except TimeoutError as exc:
+            raise self._timed_out(
+                f"{what}: waited {timeout} s behind another request", waiting
+            ) from exc
+        try:
             client = self._client
             if client is None:
                 raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
@@ -371,11 +289,11 @@ class ModbusDriver(PlcDriver):
                 )
             task = asyncio.current_task()
             cancelling = task.cancelling() if task else 0
-            started = loop.time()
+            started = self.now()
             self._requests += 1
             self._in_flight = True
             try:
-                async with asyncio.timeout(self.config.timeout_s):
+                async with asyncio.timeout(timeout):
                     try:
                         response = await call(client)
                     except ModbusIOException:
@@ -390,16 +308,15 @@ class ModbusDriver(PlcDriver):
                         # gh-86296): deliver it, or run() would never stop.
                         raise asyncio.CancelledError
             except TimeoutError as exc:
-                self._failed(f"{what}: no answer within {self.config.timeout_s} s")
-                self._consecutive_timeouts += 1
-                raise PlcTimeout(self._last_error, plc=self.name) from exc
+                raise self._timed_out(f"{what}: no answer within {timeout} s", started) from exc
             except ModbusException as exc:
-                self._failed(f"{what}: connection lost: {exc}")
-                raise PlcConnectionLost(self._last_error, plc=self.name) from exc
+                message = self._failed(f"{what}: connection lost: {exc}", started=started)
+                raise PlcConnectionLost(message, plc=self.name) from exc
             finally:
                 self._in_flight = False
-                self._request_seconds += loop.time() - started
-        self._consecutive_timeouts = 0
+        finally:
+            self._lock.release()
+        self._request_done(started)
         self._answered = True
         if response.isError():
             self._failed(f"{what}: refused with {_exception_name(response)}")
@@ -412,17 +329,13 @@ class ModbusDriver(PlcDriver):
             lambda c: c.read_holding_registers(start, count=count, device_id=unit_id),
         )
 
-    def _failed(self, what: str) -> None:
-        self._errors += 1
-        self._last_error = f"{self.where}: {what}"
-
     # --- polling ---------------------------------------------------------------------------------
 
     async def _poll(self, *, resync: bool) -> None:
         self.polls_started += 1
         for read in self._reads:
             response = await self._read(read.start, read.count)
-            at = asyncio.get_running_loop().time()
+            at = self.now()
             words = list(response.registers)
             if response.isError() or len(words) != read.count:
                 problem = (
@@ -432,22 +345,16 @@ class ModbusDriver(PlcDriver):
                 )
                 for station, offset, _ in read.stations:
                     base = read.start + offset
-                    self._violate(station, None, f"read from register {base}: {problem}", at)
+                    self._violate_station(station, f"read from register {base}: {problem}", at)
                 continue
             for station, offset, capacity in read.stations:
-                self._observe(station, words, offset, capacity, at, resync)
+                self._observe_block(station, words, offset, capacity, at, resync)
 
-    def _observe(
+    def _observe_block(
         self, station: str, words: list[int], offset: int, capacity: int, at: float, resync: bool
     ) -> None:
         raw = words[offset : offset + block_words(capacity)]
-        heartbeat = raw[H_HEARTBEAT]
-        if heartbeat != self._heartbeat:
-            if self._heartbeat is not None:
-                # A live heartbeat, not a mere connect, proves the PLC healthy: only now may the
-                # next outage start again from the shortest delay (no flapping on a frozen PLC).
-                self._backoff.reset()
-            self._heartbeat, self._heartbeat_at = heartbeat, at
+        self._on_heartbeat(raw[H_HEARTBEAT], at)
         raw[H_HEARTBEAT] = 0  # it changes all the time; compare the rest
         if not resync and raw == self._raw.get(station):
             return
@@ -458,7 +365,7 @@ class ModbusDriver(PlcDriver):
             self._clear(station, None)
         except ContractViolation as exc:
             if exc.offset < HEADER_WORDS:
-                self._violate(station, None, f"{exc} at register {base + exc.offset}", at)
+                self._violate_station(station, f"{exc} at register {base + exc.offset}", at)
                 return
             self._clear(station, None)
             slots = []
@@ -471,57 +378,27 @@ class ModbusDriver(PlcDriver):
                     slots.append(None)
         for slot, status in enumerate(slots):
             if status is not None:
-                self._check_slot(station, slot, status, at, resync)
+                self._observe(station, slot, status, at, resync=resync)
 
-    def _check_slot(
-        self, station: str, slot: int, status: SlotStatus, at: float, resync: bool
-    ) -> None:
-        key = (station, slot)
-        first = slot_base(self._base[station], slot)
-        if resync:
-            self._guard.baseline(key, status)
-        problem = self._guard.check(key, status)
-        if problem is not None:
-            field, text = problem
-            register = first + (S_ACK_SEQ if field == "ack_seq" else S_UNIT)
-            self._violate(station, slot, f"{text} at register {register}", at)
-            return
-        if self._clear(station, slot):
-            self._last[key] = None  # tell the recovered status even if it equals the old one
-        if resync or status != self._last.get(key):
-            self._last[key] = status
-            self._sink(SlotUpdate(self.name, station, slot, status, at, resync=resync))
+    def _field_at(self, station: str, slot: int, field: str) -> str:
+        offset = S_ACK_SEQ if field == "ack_seq" else S_UNIT
+        return f" at register {slot_base(self._base[station], slot) + offset}"
 
-    def _violate(self, station: str, slot: int | None, problem: str, at: float) -> None:
-        """Report a contract violation once, until the value comes back into the contract."""
-        where = f"{self.where} station '{station}'" + ("" if slot is None else f" slot {slot}")
-        message = f"{where}: {problem}"
-        if self._violations.get((station, slot)) == message:
-            return
-        self._violations[(station, slot)] = message
-        if slot is not None:
-            self._last[(station, slot)] = None
-        else:
-            self._raw.pop(station, None)  # decode it again once the header is back
-        log.warning("%s", message)
-        error = ProtocolViolation(message, plc=self.name, station=station)
-        self._sink(StationViolation(self.name, station, slot, error, at))
-
-    def _clear(self, station: str, slot: int | None) -> bool:
-        return self._violations.pop((station, slot), None) is not None
+    def _violate_station(self, station: str, problem: str, at: float) -> None:
+        self._raw.pop(station, None)  # decode the block again once it is back in the contract
+        self._violate(station, None, problem, at)
 
     # --- commands ----------------------------------------------------------------------------
 
     async def command(
         self, station: str, slot: int, seq: int, code: Command, unit: int
     ) -> SlotStatus:
-        config = self.stations.get(station)
-        if config is None:
-            raise ValueError(f"{self.where}: no station '{station}' on this PLC")
-        if not 0 <= slot < config.capacity:
-            raise ValueError(
-                f"{self.where} station '{station}': slot {slot} outside 0..{config.capacity - 1}"
-            )
+        """One write of the command area, then reads of the slot until it echoes ``seq``.
+
+        Each phase has its own deadline of ``timeout_s``: waiting behind a poll, the write, and
+        the echo (a steady round trip of a third of the deadline costs no re-send).
+        """
+        self._slot_of(station, slot)
         where = f"{self.where} station '{station}' slot {slot}"
         words = encode_command(seq, code, unit)
         if not self.connected:
@@ -530,19 +407,20 @@ class ModbusDriver(PlcDriver):
             # Before the write: a poll may show the unit before this coroutine resumes.
             self._guard.commanded((station, slot), unit)
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                await self._write_command(station, slot, words)
-                status = await self._read_slot(station, slot)
-                while status.ack_seq != seq:
-                    await asyncio.sleep(min(self.config.poll_interval_s, 0.01))
+            await self._write_command(station, slot, words)
+            echo_started = self.now()
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
                     status = await self._read_slot(station, slot)
-        except TimeoutError as exc:
-            raise PlcTimeout(
-                f"{where}: no echo of command {_command_name(code)} seq {seq} within "
-                f"{self.config.timeout_s} s",
-                plc=self.name,
-                station=station,
-            ) from exc
+                    while status.ack_seq != seq:
+                        await asyncio.sleep(min(self.config.poll_interval_s, 0.01))
+                        status = await self._read_slot(station, slot)
+            except TimeoutError as exc:
+                raise self._timed_out(
+                    f"station '{station}' slot {slot}: no echo of command "
+                    f"{_command_name(code)} seq {seq} within {self.config.timeout_s} s",
+                    echo_started,
+                ) from exc
         except PlcError as exc:
             exc.station = station
             raise
@@ -568,11 +446,11 @@ class ModbusDriver(PlcDriver):
         sent unless it lies within one command area of the allow-list."""
         end = address + len(words)
         if not words or not any(a.start <= address and end <= a.end for a in self._writable):
-            self._failed(
+            message = self._failed(
                 f"{what}: write of registers {address}..{end - 1} refused, not sent: "
                 f"{self._outside_allow_list(address, end)}"
             )
-            raise ProtocolViolation(self._last_error, plc=self.name, station=station)
+            raise ProtocolViolation(message, plc=self.name, station=station)
         unit_id = self.config.unit_id
         response = await self._request(
             f"{what} at register {address}",
@@ -605,21 +483,3 @@ class ModbusDriver(PlcDriver):
                 plc=self.name,
                 station=station,
             ) from exc
-
-    # --- statistics ----------------------------------------------------------------------------
-
-    def statistics(self) -> DriverStatistics:
-        since = None
-        if self._connected_at is not None:
-            since = time.monotonic() - self._connected_at
-        return DriverStatistics(
-            plc=self.name,
-            protocol=self.protocol,
-            connected=self.connected,
-            requests=self._requests,
-            errors=self._errors,
-            reconnects=self._reconnects,
-            request_seconds_total=self._request_seconds,
-            since_connected_s=since,
-            last_error=self._last_error,
-        )

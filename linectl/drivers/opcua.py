@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -42,15 +42,9 @@ from linectl.contract import (
     status_from_array,
 )
 from linectl.drivers.base import (
-    Backoff,
-    ConnectionChange,
-    DriverStatistics,
     EventSink,
-    PlcDriver,
-    SlotGuard,
-    SlotUpdate,
-    StationViolation,
 )
+from linectl.drivers.core import DriverCore
 from linectl.drivers.opcua_security import secure_client
 from linectl.errors import (
     CommandRefused,
@@ -118,93 +112,83 @@ class _Nodes:
         self.by_node = {node: key for key, node in self.status.items()}
 
 
-class OpcUaDriver(PlcDriver):
-    """One PLC over OPC UA: subscription (or polling) in, method calls out."""
+class OpcUaDriver(DriverCore):
+    """One PLC over OPC UA: subscription (or polling) in, method calls out.
+
+    The connection's life, the poll schedule, the heartbeat and what is told to the supervisor
+    are ``DriverCore``'s; this class browses, reads, subscribes and calls.
+    """
 
     protocol = "opcua"
     config: OpcUaPlc
 
     def __init__(
-        self, name: str, config: OpcUaPlc, stations: Mapping[str, Station], sink: EventSink
+        self,
+        name: str,
+        config: OpcUaPlc,
+        stations: Mapping[str, Station],
+        sink: EventSink,
+        *,
+        rng: Callable[[], float] = random.random,
     ) -> None:
-        super().__init__(name, config, stations, sink)
+        super().__init__(name, config, stations, sink, rng=rng)
         self._client: Client | None = None
         self._nodes: _Nodes | None = None
-        self._last: dict[SlotKey, SlotStatus] = {}
-        self._guard = SlotGuard()
-        self._heartbeat: int | None = None
-        self._beat = asyncio.Event()
-        self._requests = 0
-        self._errors = 0
-        self._reconnects = 0
-        self._notifications = 0
-        self._request_seconds = 0.0
-        self._connects = 0
-        self._connected_at: float | None = None
-        self._down_since: float | None = None
-        self._last_error = ""
+        self._subscription: Subscription | None = None
 
-    # --- the connection's life ----------------------------------------------------------------
+    # --- the transport ------------------------------------------------------------------
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
-        while True:
-            try:
-                await self._session(backoff)
-            except* PlcError as group:
-                self._lost(group.exceptions[0], loop.time())
-            await asyncio.sleep(backoff.next_delay())
-
-    async def _session(self, backoff: Backoff) -> None:
-        """One session from connect to loss; raises the PlcError that ended it."""
-        client = self._make_client()
-        loop = asyncio.get_running_loop()
+    async def _open(self) -> None:
+        client = self._client = self._make_client()
         try:
-            try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
-                    await self._secure(client)
-                    await client.connect()
-            except PlcSecurityError:
-                self._errors += 1
-                raise
-            except (TimeoutError, OSError, ua.UaError) as exc:
-                self._errors += 1
-                raise self._translate(exc, "connect") from exc
-            # asyncua's stale-subscription watchdog would re-create our subscription behind our
-            # back (a second owner of recovery); the heartbeat watchdog below replaces it.
-            await _cancel_and_wait([client._stale_watchdog_task])
-            client._stale_watchdog_task = None
-            nodes = await self._resolve(client)
-            self._client, self._nodes = client, nodes
-            await self._resync(client, nodes)
-            subscription = None
-            if self.config.mode == "subscribe":
-                subscription = await self._subscribe(client, nodes)
-            self._connected_at = loop.time()
-            self._connects += 1
-            if self._connects > 1:
-                self._reconnects += 1
-            if self._down_since is not None:
-                log.info(
-                    "%s recovered after %.1f s", self.where, self._connected_at - self._down_since
-                )
-            self._down_since = None
-            backoff.reset()
-            self._connected.set()
-            self._sink(ConnectionChange(self.name, True, "connected", self._connected_at))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_transport(client))
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await self._secure(client)
+                await client.connect()
+        except PlcSecurityError as exc:
+            self._failed(str(exc))
+            raise
+        except (TimeoutError, OSError, ua.UaError) as exc:
+            error = self._translate(exc, "connect")
+            self._failed(str(error))
+            raise error from exc
+        # asyncua's stale-subscription watchdog would re-create our subscription behind our
+        # back (a second owner of recovery); our heartbeat watch replaces it.
+        await _cancel_and_wait([client._stale_watchdog_task])
+        client._stale_watchdog_task = None
+        self._nodes = await self._resolve(client)
+        if self.config.mode == "subscribe":
+            # Before the first read: the initial notifications queue up and are told (if they
+            # changed at all) after it, so nothing that changes in between is missed.
+            self._subscription = await self._subscribe(client, self._nodes)
+
+    async def _read_all(self, *, resync: bool) -> None:
+        client, nodes = self._client, self._nodes
+        assert client is not None and nodes is not None
+        values = await self._read(client, nodes)
+        now = self.now()
+        self._on_heartbeat(_plain(values[-1]), now)
+        for key, value in zip(nodes.status, values, strict=False):
+            self._observe_value(key, nodes.status[key], value, now, resync=resync)
+
+    async def _follow(self) -> None:
+        client, nodes = self._client, self._nodes
+        assert client is not None and nodes is not None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_transport(client))
+            if self._subscription is not None:
                 tg.create_task(self._watch_heartbeat())
-                if subscription is not None:
-                    tg.create_task(self._consume(subscription, nodes))
-                else:
-                    tg.create_task(self._poll(client, nodes))
-        finally:
-            self._connected.clear()
-            self._client = None
-            self._connected_at = None
-            await self._close(client)
+                tg.create_task(self._consume(self._subscription, nodes))
+            else:
+                tg.create_task(
+                    self._poll_forever(
+                        lambda: self._read_all(resync=False), self.config.poll_interval_s
+                    )
+                )
+
+    async def _close(self) -> None:
+        client, self._client, self._subscription = self._client, None, None
+        if client is not None:
+            await self._close_client(client)
 
     def _make_client(self) -> Client:
         """The one place a Client is built; ``_secure`` adds the security settings."""
@@ -228,7 +212,7 @@ class OpcUaDriver(PlcDriver):
         if self.config.security is not None:
             await secure_client(client, self.config.security, self._refuse)
 
-    async def _close(self, client: Client) -> None:
+    async def _close_client(self, client: Client) -> None:
         # asyncua's teardown (Client._cancel_task) swallows every CancelledError, also one aimed
         # at this task: run it as a task of its own, so a cancel reaches us and is not lost.
         closing = asyncio.create_task(self._disconnect(client), name=f"close-{self.name}")
@@ -251,32 +235,26 @@ class OpcUaDriver(PlcDriver):
         ]
         await _cancel_and_wait(helpers)
 
-    def _lost(self, error: BaseException, now: float) -> None:
-        self._last_error = str(error)
-        if self._down_since is None:
-            self._down_since = now
-            log.warning("connection lost: %s", error)
-            self._sink(ConnectionChange(self.name, False, str(error), now))
-        else:
-            log.debug("%s still unreachable: %s", self.where, error)
-
     # --- requests ---------------------------------------------------------------------------
 
     async def _request(self, what: str, aw: Awaitable[T], station: str | None = None) -> T:
         """Every request: one deadline, counted, asyncua errors translated once."""
-        loop = asyncio.get_running_loop()
         self._requests += 1
-        start = loop.time()
+        started = self.now()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                return await aw
-        except (TimeoutError, OSError, ua.UaError) as exc:
-            self._errors += 1
+                result = await aw
+        except TimeoutError as exc:
             error = self._translate(exc, what, station)
-            self._last_error = str(error)
+            self._consecutive_timeouts += 1
+            self._failed(str(error), started=started)
             raise error from exc
-        finally:
-            self._request_seconds += loop.time() - start
+        except (OSError, ua.UaError) as exc:
+            error = self._translate(exc, what, station)
+            self._failed(str(error), started=started)
+            raise error from exc
+        self._request_done(started)
+        return result
 
     def _translate(self, exc: BaseException, what: str, station: str | None = None) -> PlcError:
         where = self.where + (f" station '{station}'" if station else "")
@@ -367,15 +345,6 @@ class OpcUaDriver(PlcDriver):
             params.NodesToRead.append(rv)
         return await self._request("read status", client.uaclient.read(params))
 
-    async def _resync(self, client: Client, nodes: _Nodes) -> None:
-        values = await self._read(client, nodes)
-        self._heartbeat = _plain(values[-1])
-        self._beat.clear()
-        self._last.clear()
-        now = asyncio.get_running_loop().time()
-        for key, value in zip(nodes.status, values, strict=False):
-            self._observe(key, nodes.status[key], value, now, resync=True)
-
     async def _subscribe(self, client: Client, nodes: _Nodes) -> Subscription:
         items = [*nodes.status.values(), nodes.heartbeat]
         subscription = await self._request(
@@ -410,20 +379,7 @@ class OpcUaDriver(PlcDriver):
                 await states.next_change()
         raise PlcConnectionLost(f"{self.where}: connection closed", plc=self.name)
 
-    async def _watch_heartbeat(self) -> None:
-        timeout = self.config.heartbeat_timeout_s
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._beat.wait()
-            except TimeoutError:
-                raise PlcConnectionLost(
-                    f"{self.where}: heartbeat unchanged for {timeout:g} s", plc=self.name
-                ) from None
-            self._beat.clear()
-
     async def _consume(self, subscription: Subscription, nodes: _Nodes) -> None:
-        loop = asyncio.get_running_loop()
         async for event in subscription:
             if isinstance(event, StatusChangeEvent):
                 status = event.notification.Status
@@ -436,41 +392,21 @@ class OpcUaDriver(PlcDriver):
             node = event.node.nodeid
             value = event.data.monitored_item.Value
             if node == nodes.heartbeat:
-                self._on_heartbeat(value)
+                self._on_heartbeat(_plain(value), self.now())
             elif (key := nodes.by_node.get(node)) is not None:
-                self._observe(key, node, value, loop.time())
+                self._observe_value(key, node, value, self.now())
         raise PlcConnectionLost(f"{self.where}: subscription ended", plc=self.name)
 
-    async def _poll(self, client: Client, nodes: _Nodes) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.config.poll_interval_s
-        # Jitter the first poll so a hundred PLCs are not read in the same millisecond.
-        await asyncio.sleep(random.uniform(0, interval))
-        while True:
-            started = loop.time()
-            values = await self._read(client, nodes)
-            now = loop.time()
-            self._on_heartbeat(values[-1])
-            for key, value in zip(nodes.status, values, strict=False):
-                self._observe(key, nodes.status[key], value, now)
-            # The next poll starts after this one finished: polls never overlap.
-            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
-
-    def _on_heartbeat(self, value: ua.DataValue | None) -> None:
-        beat = _plain(value)
-        if beat is not None and beat != self._heartbeat:
-            self._heartbeat = beat
-            self._beat.set()
-
-    def _observe(
+    def _observe_value(
         self,
         key: SlotKey,
         node: ua.NodeId,
         value: ua.DataValue | None,
         at: float,
+        *,
         resync: bool = False,
     ) -> None:
-        """Decode one Status array, check it against the contract and report a change."""
+        """Decode one Status array; the core checks it and tells a change."""
         station, slot = key
         try:
             raw = _plain(value)
@@ -479,31 +415,15 @@ class OpcUaDriver(PlcDriver):
                 raise ContractViolation(f"Status is not an array ({status_code})", 0)
             status = status_from_array(raw)
         except ContractViolation as exc:
-            self._violation(key, node, str(exc), at)
+            self._violate(station, slot, str(exc), at)
             return
-        last = self._last.get(key)
-        self._last[key] = status
-        if resync:
-            self._guard.baseline(key, status)
-            self._sink(SlotUpdate(self.name, station, slot, status, at, resync=True))
-            return
-        if status == last:
-            return
-        problem = self._guard.check(key, status)
-        if problem is not None:
-            self._violation(key, node, problem[1], at)
-            return
-        self._sink(SlotUpdate(self.name, station, slot, status, at))
+        self._observe(station, slot, status, at, resync=resync)
 
-    def _violation(self, key: SlotKey, node: ua.NodeId, message: str, at: float) -> None:
-        station, slot = key
-        error = ProtocolViolation(
-            f"{self.where} station '{station}' node {node.to_string()}: {message}",
-            plc=self.name,
-            station=station,
-        )
-        log.warning("%s", error)
-        self._sink(StationViolation(self.name, station, slot, error, at))
+    def _slot_where(self, station: str, slot: int | None) -> str:
+        if slot is None or self._nodes is None:
+            return super()._slot_where(station, slot)
+        node = self._nodes.status[(station, slot)]
+        return f"{self.where} station '{station}' node {node.to_string()}"
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -548,7 +468,8 @@ class OpcUaDriver(PlcDriver):
                 station=station,
             )
         # The whole array follows through the subscription; the echo fields are authoritative.
-        status = replace(self._last.get(key, SlotStatus()), ack_seq=ack_seq, cmd_status=verdict)
+        last = self._last.get(key) or SlotStatus()
+        status = replace(last, ack_seq=ack_seq, cmd_status=verdict)
         if verdict != CmdStatus.ACCEPTED:
             raise CommandRefused(
                 f"{self.where} station '{station}' slot {slot}: command {code!r} seq {seq} "
@@ -557,23 +478,6 @@ class OpcUaDriver(PlcDriver):
                 station=station,
             )
         return status
-
-    def statistics(self) -> DriverStatistics:
-        since = None
-        if self._connected_at is not None and self.connected:
-            since = asyncio.get_running_loop().time() - self._connected_at
-        return DriverStatistics(
-            plc=self.name,
-            protocol=self.protocol,
-            connected=self.connected,
-            requests=self._requests,
-            errors=self._errors,
-            reconnects=self._reconnects,
-            request_seconds_total=self._request_seconds,
-            notifications=self._notifications,
-            since_connected_s=since,
-            last_error=self._last_error,
-        )
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[Any] | None]) -> None:

@@ -64,17 +64,18 @@ class TimedDriver(OpcUaDriver):
 
     latencies: list[float]
 
-    def _observe(
+    def _observe_value(
         self,
         key: SlotKey,
         node: ua.NodeId,
         value: ua.DataValue | None,
         at: float,
+        *,
         resync: bool = False,
     ) -> None:
         if not resync and value is not None and value.SourceTimestamp is not None:
             self.latencies.append((datetime.now(UTC) - value.SourceTimestamp).total_seconds())
-        super()._observe(key, node, value, at, resync)
+        super()._observe_value(key, node, value, at, resync=resync)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from linectl.linestate import (
     Unit,
 )
 from linectl.policies import BranchView, RouteState, choose, commit
+from linectl.waiting import Waiting
 
 log = logging.getLogger("linectl.supervisor")
 
@@ -97,7 +98,7 @@ class Dispatcher:
         self.handover_hist = Histogram()
         self.on_event: Callable[[], None] | None = None  # tests hook invariant checks here
         self._route_state: dict[int, RouteState] = {id(r): RouteState() for r in self.flow.routes}
-        self._waiting: dict[int, Token] = {}  # id(token) -> token with somewhere to go
+        self._waiting = Waiting()  # tokens with somewhere to go, queued per target
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -109,7 +110,6 @@ class Dispatcher:
         self._moves = 0
         self._views: dict[tuple[int, int, int], list[BranchView]] = {}
         self._blocked: set[tuple[int, int, int]] = set()
-        self._targets: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
 
     # --- the I/O the supervisor supplies ----------------------------------------------------
 
@@ -245,7 +245,7 @@ class Dispatcher:
                 self._advance(joined, next_after(where.fork), at)
         else:
             tok.target = where
-            self._waiting[id(tok)] = tok
+            self._waiting.add(tok)
 
     def _faulted(self, tok: Token, status: SlotStatus, at: float) -> None:
         slot = tok.slot
@@ -319,7 +319,7 @@ class Dispatcher:
             tok.target = route[0]
         else:
             tok.target = node
-        self._waiting[id(tok)] = tok
+        self._waiting.add(tok)
 
     def _reset_backoff(self, st: StationState) -> float:
         retry = self.line.retry
@@ -336,7 +336,7 @@ class Dispatcher:
             slot.station.account(self.now())
 
     def _drop(self, tok: Token) -> None:
-        self._waiting.pop(id(tok), None)
+        self._waiting.discard(tok)
         if tok in tok.unit.tokens:
             tok.unit.tokens.remove(tok)
 
@@ -401,7 +401,7 @@ class Dispatcher:
         self.units[unit.id] = unit
         tok = Token(unit, unit.resume or self.flow.root.steps[0])
         unit.tokens.append(tok)
-        self._waiting[id(tok)] = tok
+        self._waiting.add(tok)
         wall = self.wall()
         self.journal.operator_action("release", unit.serial, wall, detail)
         self.journal.quarantine_released(unit.id, wall)
@@ -458,9 +458,11 @@ class Dispatcher:
                 del self._held[slot]
             else:
                 next_wake = min(next_wake, slot.held_until)
-        for tok in sorted(self._waiting.values(), key=lambda t: t.unit.id):
-            if id(tok) in self._waiting:
-                self._try_move(tok)
+        for queue in self._waiting.queues():
+            for tok in queue:
+                # A token may have moved already (the fork that split its sibling).
+                if tok in self._waiting and not self._try_move(tok):
+                    break
         while self._may_release(now):
             self._release(now)
         interval = self.line.release.interval_s
@@ -551,7 +553,7 @@ class Dispatcher:
         self._unit_event("released", unit, now)
         tok = Token(unit, self.flow.root.steps[0])
         unit.tokens.append(tok)
-        self._waiting[id(tok)] = tok
+        self._waiting.add(tok)
         self._try_move(tok)
 
     def _can_enter(self, node: Node) -> bool:
@@ -607,7 +609,7 @@ class Dispatcher:
                 child = Token(unit, b.steps[0], forks=(*tok.forks, target))
                 child.done_at = tok.done_at
                 unit.tokens.append(child)
-                self._waiting[id(child)] = child
+                self._waiting.add(child)
                 self._try_move(child)
             return True
         return False
@@ -617,18 +619,11 @@ class Dispatcher:
         cached = self._views.get(key)
         if cached is not None:
             return cached
-        if self._targets[0] != (self._pass, self._moves):
-            # Tokens waiting to enter a node (a retry inside a branch), counted once per state.
-            counts: dict[int, int] = {}
-            for t in self._waiting.values():
-                counts[id(t.target)] = counts.get(id(t.target), 0) + 1
-            self._targets = ((self._pass, self._moves), counts)
-        waiting = self._targets[1]
         views = []
         for branch in route.branches:
             stations = [self.stations[n] for n in branch.stations()]
             load = sum(st.load() for st in stations) + sum(
-                waiting.get(id(step), 0) for step in branch.steps
+                self._waiting.count(step) for step in branch.steps
             )
             # Expected time for one more unit: the branch's lead time plus the queue ahead of
             # it at the branch's slowest (measured) rate.
@@ -660,7 +655,7 @@ class Dispatcher:
             # The unit stays physically in ``previous`` until the PLC accepts it downstream.
             previous.occupant = None
             previous.busy = True
-        self._waiting.pop(id(tok), None)
+        self._waiting.discard(tok)
         tok.target = None
         tok.slot = slot
         tok.station = st.name
@@ -713,7 +708,7 @@ class Dispatcher:
             previous.occupant = tok
             previous.busy = False
         tok.target = self.flow.stations[st.name]
-        self._waiting[id(tok)] = tok
+        self._waiting.add(tok)
         st.account(self.now())
         self._changed()
 

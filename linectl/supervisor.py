@@ -297,7 +297,7 @@ class Supervisor(Dispatcher):
                     else:
                         tok.phase = Phase.DONE
                 if p.target is not None:
-                    self._waiting[id(tok)] = tok
+                    self._waiting.add(tok)
             if placed.rejected_at:
                 failed = next((t for t in unit.tokens if t.station == placed.rejected_at), None)
                 self._quarantine(unit, f"rejected at {placed.rejected_at}", now, failed=failed)

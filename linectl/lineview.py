@@ -84,11 +84,12 @@ def station_of(ev: StationChanged) -> dict[str, Any]:
 
 
 def throughput(
-    finish_times: tuple[float, ...], elapsed_s: float, time_scale: float, predicted_per_h: float
+    finish_times: tuple[float, ...], elapsed_s: float, predicted_per_h: float
 ) -> dict[str, Any]:
     """Finished units per line hour over the last line hour (or since start, if shorter), and
-    per 5-minute bucket of it (oldest first), against the prediction."""
-    hour = 3600 * time_scale  # one line hour in wall seconds
+    per 5-minute bucket of it (oldest first), against the prediction. Times are line seconds
+    since start, as ``statistics()`` reports them."""
+    hour = 3600.0
     start = max(0.0, elapsed_s - hour)
     span = elapsed_s - start
     recent = [t for t in finish_times if t > start]
@@ -97,13 +98,12 @@ def throughput(
     for t in recent:
         i = HOUR_BUCKETS - 1 - int((elapsed_s - t) // bucket)
         counts[max(0, i)] += 1
-    per_h = 3600 * time_scale  # wall seconds per line hour: units/wall s -> units/line h
     return {
-        "measured_per_h": len(recent) / span * per_h if span > 0 else None,
+        "measured_per_h": len(recent) / span * hour if span > 0 else None,
         "predicted_per_h": predicted_per_h,
-        "buckets_per_h": [c / bucket * per_h for c in counts],
-        "bucket_line_s": 3600 / HOUR_BUCKETS,
-        "covered": min(1.0, elapsed_s / hour) if hour > 0 else 1.0,
+        "buckets_per_h": [c / bucket * hour for c in counts],
+        "bucket_line_s": bucket,
+        "covered": min(1.0, elapsed_s / hour),
     }
 
 
@@ -225,12 +225,7 @@ class LineView:
                 "shifting": [] if now is None else list(now.shifting),
                 "predicted": self.predicted["bottleneck"],
             },
-            "throughput": throughput(
-                stats.finish_times,
-                stats.elapsed_s,
-                self.sup.line.time_scale,
-                self.predicted["per_h"],
-            ),
+            "throughput": throughput(stats.finish_times, stats.elapsed_s, self.predicted["per_h"]),
         }
 
     def snapshot(self) -> dict[str, Any]:

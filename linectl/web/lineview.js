@@ -144,7 +144,7 @@ function paintStation(name) {
   b.slots.forEach((r, i) => r.classList.toggle("full", i < st.units.length));
   const shown = st.units.slice(0, 1).join(" ");
   b.units.textContent = st.units.length > 1 ? `${shown} +${st.units.length - 1}` : shown;
-  b.count.textContent = `${st.cycles} cycles · ${st.rejected} rej · ${st.faults} faults`;
+  b.count.textContent = `${st.cycles} cyc · ${st.rejected} rej · ${st.faults} faults`;
   b.title.textContent = `${name} (PLC ${st.plc || "?"}): ${st.state_name}, ${look.label}` +
     `\nunits: ${st.units.join(", ") || "none"} (${st.load}/${st.capacity} slots)` +
     `\n${st.passed} passed, ${st.rejected} rejected, ${st.faults} faults`;
@@ -296,7 +296,7 @@ function build(snapshot) {
     }
     y += h + ROW_GAP;
   }
-  svg.setAttribute("width", width + 20);
+  svg.setAttribute("width", width - GAP + 16);
   svg.setAttribute("height", y);
   const legend = document.getElementById("legend");
   legend.replaceChildren();

@@ -8,7 +8,10 @@ area (``COMMAND_WORDS`` registers at ``command_address``), which runs ``SimStati
 Addressing policy: every register from the first station block to the end of the last one is
 readable, and gaps between blocks read as 0, so a controller can cover several stations with
 one read. A read reaching outside that span, and any other write (status registers, a partial
-command area, FC6 on a single register), gets ILLEGAL_DATA_ADDRESS.
+command area), gets ILLEGAL_DATA_ADDRESS. It serves FC3 and FC16 only: every other function
+code gets ILLEGAL_FUNCTION; a read of 0 or more than 125 registers (a write of 0 or more than
+123) gets ILLEGAL_DATA_VALUE; a request for another unit id gets GATEWAY_TARGET_DEVICE_FAILED_
+TO_RESPOND (0x0B), as docs/plc-interface.md says a PLC answers them.
 
 With ``tls`` (and its ``sim`` section) in the PLC's config, or an SSL context given, the server
 speaks Modbus/TCP Security: TLS requiring a client certificate its client CA issued.
@@ -23,11 +26,13 @@ import bisect
 import ipaddress
 import socket
 import ssl
+import struct
 from collections import Counter
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.register_message import ReadHoldingRegistersRequest
 from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -39,6 +44,41 @@ from linectl.tls import server_context
 from simulators.station import SimPlc, SimStation
 
 _KINDS = {3: "read", 4: "read_input", 6: "write_single", 16: "write", 23: "read_write"}
+SERVED = (3, 16)  # Read Holding Registers, Write Multiple Registers: all the contract uses
+
+
+class _ReadHolding(ReadHoldingRegistersRequest):
+    """FC3 whose count is judged when answered, so 0 or more than 125 registers gets
+    ILLEGAL_DATA_VALUE (pymodbus' own decoder drops it and answers function code 0x80)."""
+
+    def decode(self, data: bytes) -> None:
+        self.address, self.count = struct.unpack(">HH", data[:4])
+
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        if not 1 <= self.count <= self.MAX_COUNT:
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
+        return await super().datastore_update(context, device_id)
+
+
+def _refused(code: int) -> type[ModbusPDU]:
+    """A request of a function code the PLC does not serve: ILLEGAL_FUNCTION, whatever it is."""
+
+    class Refused(ModbusPDU):
+        function_code = code
+
+        def decode(self, data: bytes) -> None:
+            pass
+
+        async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_FUNCTION)
+
+    return Refused
+
+
+_PDUS: list[type[ModbusPDU]] = [
+    _ReadHolding,
+    *(_refused(code) for code in range(1, 128) if code not in SERVED),
+]
 
 
 def _loopback(host: str) -> str:
@@ -118,17 +158,35 @@ class ModbusSimServer:
 
     async def start(self) -> None:
         """Listen on the loopback address; returns once connections are accepted."""
-        device = SimDevice(
-            id=self.config.unit_id,
-            simdata=[SimData(self._lo, count=self._hi - self._lo, datatype=DataType.REGISTERS)],
-            action=self._action,
-        )
-        hooks = {"trace_pdu": self._trace_pdu, "trace_connect": self._trace_connect}
+        devices = [
+            SimDevice(
+                id=self.config.unit_id,
+                simdata=[
+                    SimData(self._lo, count=self._hi - self._lo, datatype=DataType.REGISTERS)
+                ],
+                action=self._action,
+            )
+        ]
+        if self.config.unit_id != 0:
+            # pymodbus hands a request for an unknown unit id to device 0: make that one answer
+            # as a PLC does for a unit it is not (with unit id 0 configured, it answers all).
+            devices.append(
+                SimDevice(
+                    id=0,
+                    simdata=[SimData(0, count=65536, datatype=DataType.REGISTERS)],
+                    action=_other_unit,
+                )
+            )
+        hooks = {
+            "trace_pdu": self._trace_pdu,
+            "trace_connect": self._trace_connect,
+            "custom_pdu": _PDUS,
+        }
         address = (self._host, self._want_port)
         server = (
-            ModbusTcpServer(device, address=address, **hooks)
+            ModbusTcpServer(devices, address=address, **hooks)
             if self.sslctx is None
-            else ModbusTlsServer(device, address=address, sslctx=self.sslctx, **hooks)
+            else ModbusTlsServer(devices, address=address, sslctx=self.sslctx, **hooks)
         )
         try:
             await server.serve_forever(background=True)
@@ -239,6 +297,10 @@ class ModbusSimServer:
             if base + size <= address:
                 continue
             registers[base - start : base - start + size] = station.words()
+
+
+async def _other_unit(*_: Any) -> ExcCodes:
+    return ExcCodes.GATEWAY_NO_RESPONSE
 
 
 def _sim_context(plc_name: str, config: ModbusPlc) -> ssl.SSLContext | None:

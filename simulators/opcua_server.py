@@ -261,6 +261,9 @@ class OpcUaSimServer:
             self.requests["call"] += 1
             if any(not isinstance(a.Value, int) for a in (seq, code, unit)):
                 return ua.StatusCode(ua.StatusCodes.BadTypeMismatch)
+            if not station.plc.program_running:
+                # In STOP the PLC cannot evaluate: it says so and runs nothing (the contract).
+                return ua.StatusCode(ua.StatusCodes.BadInvalidState)
             result = station.command(slot, seq.Value, code.Value, unit.Value)
             # The echo and the Status array agree: a Read after the call sees the new status.
             await self._flush()

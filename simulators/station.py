@@ -104,6 +104,10 @@ class SimStation:
     def status(self, slot: int) -> SlotStatus:
         return self._slots[slot].status
 
+    def pending(self, slot: int) -> tuple[int, int, int]:
+        """The command registers of ``slot`` as last written: (seq, code, unit)."""
+        return self._slots[slot].command
+
     def words(self) -> list[int]:
         """The station's whole register block, as a Modbus read returns it."""
         out = encode_header(self.plc.heartbeat, self.cycle_count, self.capacity)
@@ -118,6 +122,8 @@ class SimStation:
         last one evaluated is acted on."""
         s = self._slots[slot]
         s.command = (seq, code, unit)
+        if not self.plc.program_running:
+            return s.status  # written, evaluated once the program runs again
         if not is_newer(seq, s.status.ack_seq):
             self.commands_repeated += 1  # a repeated or stale write: evaluated before
             return s.status
@@ -255,6 +261,7 @@ class SimPlc:
         self.name = name
         self.heartbeat = 0
         self.heartbeat_frozen = False
+        self.program_running = True  # False: the PLC is in STOP (no scan, no heartbeat)
         self.heartbeat_period_s = heartbeat_period_s
         self._listeners: list[ChangeListener] = []
         self._heartbeat_listeners: list[Callable[[int], None]] = []
@@ -281,6 +288,21 @@ class SimPlc:
 
     def freeze_heartbeat(self, frozen: bool = True) -> None:
         self.heartbeat_frozen = frozen
+
+    def run_program(self, running: bool = True) -> None:
+        """Fault injection: the PLC goes to STOP (False) or back to RUN. In STOP nothing is
+        evaluated and the heartbeat stands still; commands written meanwhile (Modbus) are
+        evaluated at the first scan after RUN; an OPC UA Command call is answered
+        BadInvalidState."""
+        self.program_running = running
+        self.heartbeat_frozen = not running
+        if running:
+            for st in self.stations.values():
+                for slot in range(st.capacity):
+                    seq, code, unit = st.pending(slot)
+                    if is_newer(seq, st.status(slot).ack_seq):
+                        st.command(slot, seq, code, unit)
+
 
     def stop(self) -> None:
         for st in self.stations.values():

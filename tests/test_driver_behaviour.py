@@ -284,6 +284,30 @@ async def test_a_fault_is_told_with_its_code_and_cleared_by_reset(rig: Rig):
     assert (idle.status.unit, idle.status.fault_code) == (0, 0)
 
 
+async def test_a_plc_in_stop_evaluates_nothing_and_the_command_runs_once_after(rig: Rig):
+    """A PLC that cannot evaluate a command (program in STOP) runs nothing: the driver says it
+    got no echo (OPC UA: the call's BadInvalidState), the caller sends the same sequence number
+    again, and once the PLC runs the unit starts exactly once."""
+    rig.plc.run_program(False)
+    kinds = (PlcTimeout,) if rig.kind != "modbus" else (PlcTimeout, PlcConnectionLost)
+    with pytest.raises(kinds) as refused:
+        await rig.driver.command("s1", 0, 1, Command.START, 8)
+    if rig.kind == "opcua":
+        assert "the PLC did not evaluate command START seq 1: BadInvalidState" in str(refused.value)
+    assert rig.station("s1").starts[8] == 0
+    rig.plc.run_program(True)
+    await rig.driver.wait_connected()
+    for _ in range(50):  # as the supervisor would: the same number until it is echoed
+        try:
+            status = await rig.driver.command("s1", 0, 1, Command.START, 8)
+            break
+        except (PlcTimeout, PlcConnectionLost):
+            await rig.driver.wait_connected()
+    assert (status.ack_seq, status.cmd_status) == (1, CmdStatus.ACCEPTED)
+    await rig.events.slot("s1", State.COMPLETE)
+    assert rig.station("s1").slot_starts[0] == {8: 1}
+
+
 # --- contract violations -----------------------------------------------------------------
 
 

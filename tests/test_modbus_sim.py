@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
@@ -105,8 +106,109 @@ async def test_a_write_outside_one_whole_command_area_is_refused(sim, raw, what,
 async def test_a_single_register_write_is_refused(sim, raw):
     response = await raw.client.write_register(command_address(A, 0), 1, device_id=raw.unit_id)
     assert response.isError()
-    assert response.exception_code == ExcCodes.ILLEGAL_ADDRESS
+    assert response.exception_code == ExcCodes.ILLEGAL_FUNCTION  # the PLC serves FC3, FC16
     assert sim.station("a").commands_evaluated == 0
+
+
+def _frame(fc: int, body: bytes) -> bytes:
+    return bytes([fc]) + body
+
+
+def _u16(*values: int) -> bytes:
+    return struct.pack(f">{len(values)}H", *values)
+
+
+_COMMAND = _u16(0, 1, Command.RESET, 0, 0, 0)
+# Each row of docs/plc-interface.md "What the PLC answers": (unit id, request PDUs, answer),
+# the answer None for a normal response, else the exception code.
+ANSWERS: dict[str, tuple[int | None, list[bytes], int | None]] = {
+    "FC3 of 1 … 125 registers within the span": (
+        None,
+        [_frame(3, _u16(A, 1)), _frame(3, _u16(A, B + block_words(1) - A))],
+        None,
+    ),
+    "FC16 of exactly 6 registers at a slot's command area": (
+        None,
+        [_frame(16, _u16(command_address(A, 1), 6) + bytes([12]) + _COMMAND)],
+        None,
+    ),
+    "FC3 of 0 or more than 125 registers": (
+        None,
+        [_frame(3, _u16(A, 0)), _frame(3, _u16(A, 126))],
+        ExcCodes.ILLEGAL_VALUE,
+    ),
+    "FC16 of 0 or more than 123 registers": (
+        None,
+        [_frame(16, _u16(A, 0) + bytes([0])), _frame(16, _u16(A, 124) + bytes([248]) + bytes(248))],
+        ExcCodes.ILLEGAL_VALUE,
+    ),
+    "FC3 reaching outside the span": (None, [_frame(3, _u16(A - 1, 2))], ExcCodes.ILLEGAL_ADDRESS),
+    "FC16 anywhere else, or of another length": (
+        None,
+        [
+            _frame(16, _u16(A, 6) + bytes([12]) + _COMMAND),
+            _frame(16, _u16(command_address(A, 0), 5) + bytes([10]) + _COMMAND[:10]),
+        ],
+        ExcCodes.ILLEGAL_ADDRESS,
+    ),
+    "any other function code (FC1, 2, 4, 5, 6, 8, 15, 22, 23, 43, ...)": (
+        None,
+        [
+            _frame(1, _u16(A, 8)),
+            _frame(2, _u16(A, 8)),
+            _frame(4, _u16(A, 8)),
+            _frame(5, _u16(A, 0xFF00)),
+            _frame(6, _u16(command_address(A, 0), 1)),
+            _frame(8, _u16(0, 0x1234)),
+            _frame(15, _u16(A, 8) + bytes([1, 1])),
+            _frame(22, _u16(A, 0xFFFF, 0)),
+            _frame(23, _u16(A, 2, command_address(A, 0), 6) + bytes([12]) + _COMMAND),
+            bytes([43, 14, 1, 0]),
+            bytes([0x41, 0, 0]),
+        ],
+        ExcCodes.ILLEGAL_FUNCTION,
+    ),
+    "a unit id other than the PLC's `unit_id`": (
+        7,
+        [
+            _frame(3, _u16(A, 1)),
+            _frame(16, _u16(command_address(A, 1), 6) + bytes([12]) + _COMMAND),
+        ],
+        ExcCodes.GATEWAY_NO_RESPONSE,
+    ),
+}
+
+
+def test_every_row_of_the_documented_answers_is_sent():
+    from tests.test_plc_interface_doc import table_rows
+
+    assert [row[0] for row in table_rows("### What the PLC answers")] == list(ANSWERS)
+
+
+async def _ask(port: int, unit: int, pdu: bytes) -> bytes:
+    """One request as raw Modbus TCP (MBAP header, then the PDU); the PDU of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(struct.pack(">HHHB", 1, 0, len(pdu) + 1, unit) + pdu)
+        async with asyncio.timeout(2):
+            length = struct.unpack(">HHHB", await reader.readexactly(7))[2]
+            return await reader.readexactly(length - 1)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("row", list(ANSWERS))
+async def test_the_simulator_answers_as_the_contract_says(sim, row):
+    unit, requests, answer = ANSWERS[row]
+    port = sim.line.plcs["p"].port
+    for pdu in requests:
+        got = await _ask(port, 3 if unit is None else unit, pdu)
+        if answer is None:
+            assert got[0] == pdu[0], (row, pdu.hex(), got.hex())
+        else:
+            assert got == bytes([pdu[0] | 0x80, answer]), (row, pdu.hex(), got.hex())
+    assert sim.station("a").commands_evaluated == (1 if answer is None and "FC16" in row else 0)
 
 
 async def test_one_read_spans_several_blocks_and_the_gap_between_reads_zero(sim, raw):

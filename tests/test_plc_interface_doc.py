@@ -98,3 +98,37 @@ def test_the_doc_names_the_opcua_contract_as_the_code_does():
         assert name in DOC, name
     fields = table_rows("**Status** is one array")[0][1:]
     assert tuple(fields) == c.STATUS_FIELDS
+
+
+def test_the_modbus_answers_name_the_standard_exception_codes():
+    """The table a PLC programmer reads: FC3 and FC16 served, every exception by its Modbus
+    number and name, the read limit as the contract has it. tests/test_modbus_sim.py sends each
+    row to the simulator."""
+    answers = dict(table_rows("### What the PLC answers"))
+    served = [request for request, answer in answers.items() if "exception" not in answer]
+    assert [r.split()[0] for r in served] == ["FC3", "FC16"]
+    names = {
+        "01": "ILLEGAL FUNCTION",
+        "02": "ILLEGAL DATA ADDRESS",
+        "03": "ILLEGAL DATA VALUE",
+        "0B": "GATEWAY TARGET DEVICE FAILED TO RESPOND",
+    }
+    for answer in answers.values():
+        if answer.startswith("exception"):
+            code = answer.split()[1]
+            assert answer == f"exception {code} {names[code]}", answer
+    assert f"FC3 of 1 … {c.MODBUS_MAX_READ} registers within the span" in answers
+    assert f"FC3 of 0 or more than {c.MODBUS_MAX_READ} registers" in answers
+
+
+def test_the_doc_says_what_a_plc_had_to_guess():
+    """Issue 12 part 6: function codes, restarts of the command registers, an OPC UA command the
+    PLC cannot evaluate, and whose clock cycle_time_ms is."""
+    for phrase in (
+        "A PLC must serve these two and nothing else is ever sent",
+        "The **command registers** (cmd_seq, cmd_code, cmd_unit) need not survive",
+        "**When the PLC cannot evaluate a command**",
+        "**BadInvalidState** recommended",
+        "**by the PLC's own wall clock**",
+    ):
+        assert phrase in DOC, phrase

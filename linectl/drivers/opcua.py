@@ -450,8 +450,17 @@ class OpcUaDriver(DriverCore):
         ]
         what = f"call {method.to_string()}"
         (result,) = await self._request(what, client.uaclient.call([request]), station)
+        if not result.StatusCode.is_good():
+            # The PLC could not evaluate the command (docs/plc-interface.md, section 3): it was
+            # not run, so the caller sends the same sequence number again, as after a timeout.
+            name = ua.StatusCode(result.StatusCode.value).name
+            raise PlcTimeout(
+                f"{self.where} station '{station}' slot {slot}: the PLC did not evaluate command "
+                f"{code.name} seq {seq}: {name}",
+                plc=self.name,
+                station=station,
+            )
         try:
-            result.StatusCode.check()
             ack_seq, verdict = (v.Value for v in result.OutputArguments)
             verdict = CmdStatus(verdict)
         except (ua.UaError, ValueError, TypeError) as exc:

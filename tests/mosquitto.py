@@ -105,6 +105,13 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retain
 
+    async def clear_retained(self, prefix: str, port: int = MACHINE_BROKER[1]) -> None:
+        """Delete what this test left retained under ``prefix`` on a shared broker."""
+        topics = {t for t, _, _ in self.messages if t.startswith(prefix)}
+        async with aiomqtt.Client("127.0.0.1", port) as client:
+            for topic in sorted(topics):
+                await client.publish(topic, b"", qos=1, retain=True)
+
     def on(self, prefix: str) -> list[tuple[str, bytes]]:
         return [(t, p) for t, p, _ in self.messages if t.startswith(prefix)]
 

@@ -128,6 +128,7 @@ async def test_uns_and_sparkplug_publish_the_line_as_it_runs(tmp_path):
     await eventually(lambda: sparkplug(rec, group, "NDEATH"), what="NDEATH")
     assert metrics(sparkplug(rec, group, "NDEATH")[0][1]) == {"bdSeq": 0}
     assert json.loads(rec.on(f"{prefix}/nb/status")[-1][1]) == {"online": False}
+    await rec.clear_retained(prefix)
 
 
 @pytest.mark.slow

@@ -132,8 +132,10 @@ async def test_a_client_browses_and_sees_stations_change_within_a_publishing_int
             sub = await client.create_subscription(50, changes)
             await sub.subscribe_data_change([state, passed, finished])
             await eventually(
-                lambda: {"working", "starved"}
-                <= {v for n, v in changes.seen if n == "Line.Stations.b.Condition"},
+                lambda: (
+                    {"working", "starved"}
+                    <= {v for n, v in changes.seen if n == "Line.Stations.b.Condition"}
+                ),
                 what="station b working, then starved",
             )
             start = run.sup.finished

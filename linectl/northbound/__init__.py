@@ -144,8 +144,12 @@ class Northbound:
             await link.close()
         if self._task is not None:
             self._task.cancel()
-            # Our own cancellation still propagates out of gather; the task's does not.
-            await asyncio.gather(self._task, return_exceptions=True)
+            try:
+                async with asyncio.timeout(5):
+                    # Our own cancellation still propagates out of gather; the task's does not.
+                    await asyncio.gather(self._task, return_exceptions=True)
+            except TimeoutError:
+                log.error("northbound did not stop within 5 s of being cancelled: %s", self._task)
             self._task = None
         for link in self.links:
             if link.publisher.subscription is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from linectl import aio
 from linectl.analysis import analyze as analyze_line
 from linectl.analysis import comparison_rows
 from linectl.config import Line, json_schema, load_config
-from linectl.errors import ConfigError, LinectlError
+from linectl.errors import ConfigError, LeaseLost, LinectlError
 
 app = typer.Typer(
     add_completion=False,
@@ -484,6 +485,12 @@ def run_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     log_format: LogFormatOption = LogFormat.human,
     migrate: MigrateOption = None,
+    standby: Annotated[
+        bool, typer.Option(help="Wait for the line's owner to stop or fail, then take over.")
+    ] = False,
+    lease_s: Annotated[
+        float, typer.Option(min=0.5, max=60, help="Lease time: how soon a standby takes over.")
+    ] = 3.0,
 ) -> None:
     """Run the supervisor against the PLCs in CONFIG until Ctrl-C or SIGTERM."""
 
@@ -511,8 +518,16 @@ def run_command(
                 exit_when_done=line.release.count is not None,
                 migrate=mapping,
                 source=str(config),
+                standby=standby,
+                lease_s=lease_s,
             )
         )
+    except LeaseLost as exc:
+        typer.echo(str(exc), err=True)
+        sys.stderr.flush()
+        # Fail-stop: a thread may still hang on a database that stopped answering, and a
+        # process that lost its line must end now rather than wait for it at exit.
+        os._exit(2)
     except LinectlError as exc:
         _fail(exc)
     except OSError as exc:  # a port already taken, named by the endpoint that wanted it

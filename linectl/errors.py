@@ -48,3 +48,11 @@ class CommandRefused(PlcError):
 
 class StoreError(LinectlError):
     """The trace store cannot open its database, or failed to record or read the trace."""
+
+
+class LeaseHeld(StoreError):
+    """Another live process owns the line (``linectl run`` on a line that is running)."""
+
+
+class LeaseLost(StoreError):
+    """This process no longer owns its line: it must command nothing and write nothing."""

@@ -46,9 +46,12 @@ class Supervisor(Dispatcher):
         driver_factory: DriverFactory = make_driver,
         exit_when_done: bool = False,
         drain_timeout_s: float = 10.0,
+        lease_check: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(line, journal=journal, exit_when_done=exit_when_done)
         self.drain_timeout_s = drain_timeout_s
+        # Called before every command; raises once this process may no longer own the line.
+        self._lease_check = lease_check or (lambda: None)
         self._drivers: dict[str, PlcDriver] = {}
         self._driver_factory = driver_factory
         self._tg: asyncio.TaskGroup | None = None
@@ -201,6 +204,7 @@ class Supervisor(Dispatcher):
         st = slot.station
         delay = 0.01
         while True:
+            self._lease_check()
             try:
                 status = await driver.command(st.name, slot.index, seq, code, unit)
             except PlcConnectionLost:

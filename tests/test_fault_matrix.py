@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from linectl.journal import Journal
 from linectl.store import TraceStore, UnitRecord
 from linectl.supervisor import Supervisor
 from simulators.runner import SimLine
+from tests.conservation import conservation
 from tests.faultproxy import FaultProxy
 from tests.helpers import eventually
 
@@ -109,24 +109,11 @@ async def rig(protocol: str, tmp_path: Path) -> AsyncIterator[Rig]:
 
 async def assert_conserved(r: Rig, *, final: bool = True) -> list[UnitRecord]:
     """Every released unit is finished, quarantined or in the line, and every cycle a station
-    ran is one step of the trace: none ran twice, none ran unrecorded. Mid-run (not
-    ``final``) a unit in the line may have completed a cycle the trace does not show yet."""
+    ran is one step of the trace: none ran twice, none ran unrecorded."""
     units = await r.store.units()
-    sup = r.sup
-    assert len(units) == sup.released
-    for u in units:
-        assert u.status in ("finished", "quarantined", "in_line"), u
-        if u.status == "in_line":
-            assert u.unit_id in sup.units, f"{u.serial} is in the line but the supervisor lost it"
-    done = Counter((s.station, u.unit_id) for u in units for s in u.steps if s.status == "done")
-    open_ = {u.unit_id for u in units if u.status == "in_line"}
-    for station, ran in r.sim.completions().items():
-        for unit, n in ran.items():
-            assert n == 1, f"unit {unit} ran {n} times at {station}"
-            if final or unit not in open_:
-                assert done[station, unit] == 1, f"unit {unit} ran at {station} unrecorded"
-    for (station, unit), n in done.items():
-        assert r.sim.completions()[station][unit] == n, f"{station} never ran unit {unit}"
+    assert len(units) == r.sup.released
+    found = conservation(units, r.sim.completions(), in_progress=r.sup.units.keys(), final=final)
+    assert not found.problems, found.problems
     return units
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from linectl.config import ModbusPlc, OpcUaPlc, Station
 from linectl.drivers.base import EventSink, PlcDriver
@@ -18,3 +18,13 @@ def make_driver(
     from linectl.drivers.opcua import OpcUaDriver
 
     return OpcUaDriver(name, config, stations, sink)
+
+
+def preload(configs: Iterable[ModbusPlc | OpcUaPlc]) -> None:
+    """Import the driver modules ``configs`` need now rather than at the first connect: a
+    standby taking over a line must not spend its first seconds importing asyncua."""
+    for config in configs:
+        if isinstance(config, ModbusPlc):
+            import linectl.drivers.modbus
+        else:
+            import linectl.drivers.opcua  # noqa: F401

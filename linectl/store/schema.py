@@ -159,6 +159,23 @@ class OperatorAction(SQLModel, table=True):
     detail: str = ""
 
 
+class LineLease(SQLModel, table=True):
+    """Who owns each line (store/lease.py). ``epoch`` rises by one at every change of owner;
+    the store refuses a transaction of any other epoch."""
+
+    __tablename__ = "leases"
+
+    line: str = Field(primary_key=True)
+    epoch: int = Field(sa_type=BigInteger)
+    host: str
+    pid: int
+    # PostgreSQL: the owner's lease session, which holds the line's advisory lock.
+    backend_pid: int | None = None
+    since: datetime = Field(sa_type=UTCDateTime)
+    # PostgreSQL: the end of the lease unless renewed (database time); SQLite: unused.
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 class SchemaMeta(SQLModel, table=True):
     """One row: the schema version the database is at."""
 
@@ -211,10 +228,20 @@ def _event_kinds_v3(conn: Connection) -> None:
     conn.execute(text("DROP TABLE station_events_v1"))
 
 
+def _leases_v4(conn: Connection) -> None:
+    # Version 4: one owner per line, with a fencing epoch (store/lease.py).
+    SQLModel.metadata.create_all(conn, tables=[SQLModel.metadata.tables["leases"]])
+
+
 Migration = Callable[[Connection], None]
 
 # MIGRATIONS[n] takes a database from version n-1 to n; version 0 is an empty database.
-MIGRATIONS: Mapping[int, Migration] = {1: _create_v1, 2: _create_v2, 3: _event_kinds_v3}
+MIGRATIONS: Mapping[int, Migration] = {
+    1: _create_v1,
+    2: _create_v2,
+    3: _event_kinds_v3,
+    4: _leases_v4,
+}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 

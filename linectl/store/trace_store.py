@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from linectl.errors import StoreError
 from linectl.store import maintenance, reads
 from linectl.store.db import make_engine, mask, parse_url, scrub
+from linectl.store.lease import Lease, acquire
 from linectl.store.maintenance import DbFigures
 from linectl.store.records import (
     DONE_RESULTS,
@@ -533,6 +534,10 @@ class TraceStore:
             "k_station": station,
             "k_attempt": _int(attempt, "attempt", 1),
         }
+
+    async def acquire_lease(self, **options: Any) -> Lease:
+        """Take this line's lease and fence every later transaction with it (store/lease.py)."""
+        return await acquire(self._engine, self._where, self.line, **options)
 
     # --- Reads --------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping
 
 from linectl.config import ModbusPlc, OpcUaPlc, Station
@@ -23,8 +24,5 @@ def make_driver(
 def preload(configs: Iterable[ModbusPlc | OpcUaPlc]) -> None:
     """Import the driver modules ``configs`` need now rather than at the first connect: a
     standby taking over a line must not spend its first seconds importing asyncua."""
-    for config in configs:
-        if isinstance(config, ModbusPlc):
-            import linectl.drivers.modbus
-        else:
-            import linectl.drivers.opcua  # noqa: F401
+    for protocol in {config.protocol for config in configs}:
+        importlib.import_module(f"linectl.drivers.{protocol}")

@@ -36,15 +36,16 @@ def conservation(
     units: Iterable[UnitRecord],
     completions: Mapping[str, Mapping[int, int]],
     *,
-    in_progress: Iterable[int] = (),
+    in_progress: Iterable[int] | None = None,
     final: bool = True,
 ) -> Conservation:
     """Check ``units`` (the trace) against ``completions`` (per station, unit id -> cycles the
-    simulator completed). ``in_progress``: unit ids the controller holds in the line. Before
-    the end (not ``final``) a unit in the line may have run a cycle the trace lacks yet."""
+    simulator completed). ``in_progress``: unit ids the controller holds in the line, if
+    known. Before the end (not ``final``) a unit in the line may have run a cycle the trace
+    lacks yet."""
     c = Conservation()
     units = list(units)
-    holding = set(in_progress)
+    holding = None if in_progress is None else set(in_progress)
     by_slot: dict[tuple[str, int], list] = defaultdict(list)
     for u in units:
         c.units += 1
@@ -54,7 +55,7 @@ def conservation(
             c.quarantined += 1
         elif u.status == "in_line":
             c.in_line += 1
-            if not final and u.unit_id not in holding:
+            if not final and holding is not None and u.unit_id not in holding:
                 c.lost.append(f"{u.serial} is in the line but nobody holds it")
         else:
             c.lost.append(f"{u.serial} has status {u.status!r}")

@@ -192,15 +192,38 @@ class FaultProxy:
                 pass
 
     async def _pump(self, conn: _Conn, src: asyncio.StreamReader, *, up: bool) -> None:
+        """Read one direction and hand chunks, stamped with their arrival, to ``_deliver``:
+        latency delays each chunk without holding up the ones behind it, as on a real link."""
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=64)
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            deliver = tg.create_task(self._deliver(conn, chunks, up=up))
+            try:
+                while data := await src.read(_CHUNK):
+                    if not conn.silent:
+                        await chunks.put((loop.time(), data))
+            except OSError:
+                pass
+            await chunks.put((loop.time(), b""))  # end of stream, after what came before
+            await deliver
+
+    async def _deliver(
+        self, conn: _Conn, chunks: asyncio.Queue[tuple[float, bytes]], *, up: bool
+    ) -> None:
         dst = conn.server if up else conn.client
         assert dst is not None
+        loop = asyncio.get_running_loop()
         try:
-            while data := await src.read(_CHUNK):
+            while True:
+                arrived, data = await chunks.get()
+                if not data:
+                    break
                 if conn.silent:
                     continue
-                if self.latency_s > 0:
+                late = arrived + self.latency_s - loop.time()
+                if late > 0:
                     # The fault itself: this chunk is late on the wire.
-                    await asyncio.sleep(self.latency_s)
+                    await asyncio.sleep(late)
                 if up:
                     self._up += len(data)
                     dst.write(data)

@@ -56,6 +56,11 @@ async def takeover(tmp_path: Path, db: str, fault: Fault, *, via_proxy: bool = F
             took = await standby.said(FIRST_COMMAND)
             assert float(took[1]) < 5.0, took[0]
             assert await standby.exited(within=60) == 0, standby.text[-3000:]
+        except Exception:
+            for proc in (owner, standby):
+                if proc is not None:
+                    print(f"--- {proc.name} (exit {proc.proc.returncode}):\n{proc.text[-4000:]}")
+            raise
         finally:
             for proc in (owner, standby):
                 if proc is not None:

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, bindparam, create_engine, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -121,6 +121,28 @@ class Lease:
             )
             log.error("%s", self.lost)
         return self.lost
+
+    def check_epoch(self, conn: Connection) -> None:
+        """The first statement of every write transaction (on the writer's thread): refuse
+        the transaction unless the line's epoch is still this lease's. On PostgreSQL FOR SHARE
+        makes a takeover's epoch update wait for it, and it for a takeover under way, so a
+        write lands wholly before or wholly after a change of owner."""
+        if self.lost is not None:
+            raise self.lost
+        postgres = conn.dialect.name == "postgresql"
+        sql = "SELECT epoch, host, pid FROM leases WHERE line = " + (
+            "%s FOR SHARE" if postgres else "?"
+        )
+        # The driver's own cursor: the writer may run its transaction outside SQLAlchemy's.
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.execute(sql, (self.line,))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None or row[0] != self.epoch:
+            who = f"host {row[1]} pid {row[2]} (epoch {row[0]})" if row else "nobody"
+            raise self._lose(f"the store refused its write: the line is held by {who}")
 
     async def keep(self) -> None:
         """Renew until lost; raise LeaseLost then. Cancel it to stop renewing."""
@@ -426,26 +448,6 @@ async def _acquire_file(
     return FileLease(line, where, epoch, file)
 
 
-# --- fencing -----------------------------------------------------------------------------------
-
-
-def fence(engine: Engine, lease: Lease) -> None:
-    """Make every transaction of ``engine`` refuse to go on unless ``lease`` is still the
-    line's: the epoch is read inside the transaction, before anything else."""
-    # FOR SHARE on PostgreSQL: a takeover's epoch update waits for this transaction, and
-    # this one for a takeover under way, so a write lands wholly before or after it.
-    read = _READ.with_for_update(read=True)
-
-    @event.listens_for(engine, "begin")
-    def _check_epoch(conn: Connection) -> None:
-        if lease.lost is not None:
-            raise lease.lost
-        holder = _holder(conn.execute(read, {"line": lease.line}).first())
-        if holder is None or holder.epoch != lease.epoch:
-            who = holder.describe() if holder else "nobody"
-            raise lease._lose(f"the store refused its write: the line is held by {who}")
-
-
 async def acquire(
     engine: Engine,
     where: str,
@@ -455,18 +457,14 @@ async def acquire(
     ttl_s: float = 3.0,
     announce: Callable[[str], None] = log.warning,
 ) -> Lease:
-    """Take the line's lease (waiting for it with ``standby``) and fence the store with it.
-
-    Without ``standby`` a line held by a live owner is refused with LeaseHeld naming it.
-    """
+    """Take the line's lease, waiting for it with ``standby``; without, a line held by a live
+    owner is refused with LeaseHeld naming it. The store fences its writes with
+    ``Lease.check_epoch``."""
     if engine.dialect.name == "postgresql":
-        lease = await _acquire_pg(
+        return await _acquire_pg(
             engine, where, line, standby=standby, ttl_s=ttl_s, announce=announce
         )
-    else:
-        lease = await _acquire_file(engine, where, line, standby=standby, announce=announce)
-    fence(engine, lease)
-    return lease
+    return await _acquire_file(engine, where, line, standby=standby, announce=announce)
 
 
-__all__ = ["Holder", "Lease", "LeaseHeld", "LeaseLost", "StoreError", "acquire", "fence"]
+__all__ = ["Holder", "Lease", "LeaseHeld", "LeaseLost", "StoreError", "acquire"]

@@ -106,6 +106,7 @@ class TraceStore:
         self._reader_threads = ThreadPoolExecutor(2, thread_name_prefix=f"store-read-{line}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._fence: Callable[[Any], None] = lambda conn: None  # set by acquire_lease
         self._writer_done: asyncio.Future[None] | None = None
         self._in_flight: list[Any] = []  # the batch the writer is committing
         self._accepting = True
@@ -290,7 +291,7 @@ class TraceStore:
 
     def _write_forever(self) -> None:
         """The writer thread: take everything queued, commit it in one transaction, repeat."""
-        writer = Writer(self._engine, self._where)
+        writer = Writer(self._engine, self._where, fence=lambda conn: self._fence(conn))
         try:
             stopping = False
             while not stopping and not self._abandoned:
@@ -536,8 +537,11 @@ class TraceStore:
         }
 
     async def acquire_lease(self, **options: Any) -> Lease:
-        """Take this line's lease and fence every later transaction with it (store/lease.py)."""
-        return await acquire(self._engine, self._where, self.line, **options)
+        """Take this line's lease and fence every later write transaction with it: each reads
+        the line's epoch first and refuses to go on if it moved on (store/lease.py)."""
+        lease = await acquire(self._engine, self._where, self.line, **options)
+        self._fence = lease.check_epoch
+        return lease
 
     # --- Reads --------------------------------------------------------------------------------
 

@@ -312,9 +312,13 @@ class Writer:
     checkout and its events per batch cost as much as the writes); replaced after a failure,
     so the next batch starts on a fresh (for PostgreSQL, pre-pinged) connection."""
 
-    def __init__(self, engine: Engine, where: str) -> None:
+    def __init__(
+        self, engine: Engine, where: str, fence: Callable[[Connection], None] | None = None
+    ) -> None:
         self._engine = engine
         self._where = where
+        # Run first in every write transaction: refuses it once another owner has the line.
+        self._fence = fence or (lambda conn: None)
         self._conn: Connection | None = None
         # Plain statements raise the driver's own errors, not SQLAlchemy's.
         self._errors = (SQLAlchemyError, StoreError, engine.dialect.loaded_dbapi.Error)
@@ -336,6 +340,7 @@ class Writer:
                 if conn.dialect.name == "sqlite":
                     raw.execute("BEGIN")  # autocommit mode (see db.py): begin explicitly
                 try:
+                    self._fence(conn)
                     _write(conn, writes)
                 except Exception:
                     raw.rollback()
@@ -343,6 +348,7 @@ class Writer:
                 raw.commit()
             else:
                 with conn.begin():
+                    self._fence(conn)
                     _write(conn, writes)
         except Exception:
             self.close()

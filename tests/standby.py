@@ -17,7 +17,7 @@ from simulators.runner import SimLine
 
 LINE = """
 line: {name}
-time_scale: 0.02
+time_scale: 0.05
 plcs:
   p0: {{protocol: modbus, host: 127.0.0.1, port: {p0}, poll_interval_s: 0.01, timeout_s: 0.5}}
   p1: {{protocol: opcua, url: "opc.tcp://127.0.0.1:{p1}", publishing_interval_s: 0.01,
@@ -58,15 +58,18 @@ class Controller:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            limit=1 << 22,  # a long log line must not end the reading
         )
         return cls(proc, name)
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip())
+        try:
+            while line := await self.proc.stderr.readline():
+                self.lines.append(line.decode(errors="replace").rstrip())
+                self._changed.set()
+        finally:
             self._changed.set()
-        self._changed.set()
 
     @property
     def text(self) -> str:

@@ -19,7 +19,7 @@ from tests.helpers import eventually
 from tests.pg import pg_schema_url, pg_url  # noqa: F401  (fixtures)
 from tests.standby import FIRST_COMMAND, Controller, cycles, plant, trace
 
-UNITS = 40
+UNITS = 80
 LEASE = "2"
 LOST = "no longer owns the line"
 

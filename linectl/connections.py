@@ -111,8 +111,9 @@ class Connection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's TCPTransport has the methods of asyncio.Transport
+        # but does not derive from it, and the assert failing there reset every connection.
+        self.transport = transport  # type: ignore[assignment]
         if self.inner is None:
             transport.write(BUSY)
             transport.close()

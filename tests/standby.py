@@ -17,7 +17,7 @@ from simulators.runner import SimLine
 
 LINE = """
 line: {name}
-time_scale: 0.05
+time_scale: {time_scale}
 plcs:
   p0: {{protocol: modbus, host: 127.0.0.1, port: {p0}, poll_interval_s: 0.01, timeout_s: 0.5}}
   p1: {{protocol: opcua, url: "opc.tcp://127.0.0.1:{p1}", publishing_interval_s: 0.01,
@@ -123,15 +123,16 @@ class Controller:
 
 @contextlib.asynccontextmanager
 async def plant(
-    tmp: Path, db: str, *, name: str, units: int
+    tmp: Path, db: str, *, name: str, units: int, time_scale: float = 0.05
 ) -> AsyncIterator[tuple[SimLine, Path]]:
     """The simulators of LINE, in this process, and a config file pointing at them."""
-    template = parse_config(LINE.format(name=name, p0=0, p1=0, units=units, db=db))
+    fields = {"name": name, "units": units, "db": db, "time_scale": time_scale}
+    template = parse_config(LINE.format(p0=0, p1=0, **fields))
     async with SimLine(template, free_ports=True, heartbeat_period_s=0.05) as sim:
         p0 = sim.line.plcs["p0"].port
         p1 = int(sim.line.plcs["p1"].url.rsplit(":", 1)[1])
         config = tmp / f"{name}.yaml"
-        config.write_text(LINE.format(name=name, p0=p0, p1=p1, units=units, db=db))
+        config.write_text(LINE.format(p0=p0, p1=p1, **fields))
         yield sim, config
 
 

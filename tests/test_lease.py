@@ -136,7 +136,8 @@ async def test_a_standby_takes_over_an_expired_lease_and_ends_the_frozen_owners_
             frozen.check()
         sessions = raw(
             pg_schema_url,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'linectl % lease'",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'linectl % lease'",
         )
         assert sessions == [(1,)]  # the standby's; the frozen owner's was ended
         keep = asyncio.create_task(frozen.keep())
@@ -162,7 +163,7 @@ async def test_a_plain_run_waits_out_an_owner_whose_session_is_gone(pg_schema_ur
     raw(
         pg_schema_url,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE application_name LIKE 'linectl % lease'",
+        "WHERE datname = current_database() AND application_name LIKE 'linectl % lease'",
     )
     second = await opened(pg_schema_url, line)
     try:

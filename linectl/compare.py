@@ -128,8 +128,18 @@ class Comparison:
             "bottleneck": p.bottleneck,
             "stations": {n: {"utilization": s.utilization} for n, s in p.stations.items()},
         }
-        data["measured"] = self.measured.to_dict()
+        data["measured"] = _nulls(self.measured.to_dict())
         return data
+
+
+def _nulls(value: Any) -> Any:
+    """NaN (a figure the run could not measure, "n/a" in the table) as JSON null: NaN is not
+    JSON, and jq and browsers refuse it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    return value
 
 
 # --- pure figures -------------------------------------------------------------------------------

@@ -163,8 +163,13 @@ def test_a_line_with_rejects_is_compared_counting_its_quarantined_units(tmp_path
     config.write_text(REJECTS)
     result = CliRunner().invoke(app, ["compare", str(config), "--units", "8", "--json"])
     assert result.exit_code == 0, result.output
-    measured = json.loads(result.stdout)["measured"]
+
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    measured = json.loads(result.stdout, parse_constant=no_nan)["measured"]
     assert measured["quarantined"] > 0
+    assert measured["stations"]["a"]["utilization"] is None  # no steady window: null, not NaN
     assert measured["quarantined"] + measured["finished"] == 8
     assert measured["interval_s"] > 0  # fitted on the finished units
 

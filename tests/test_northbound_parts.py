@@ -180,3 +180,17 @@ def test_bad_northbound_config_is_one_line_naming_the_setting(section, message):
     assert len(err.value.problems) == 1, err.value.problems
     assert message in err.value.problems[0]
     assert err.value.problems[0].startswith("line.yaml:")
+
+
+def test_a_full_outbox_never_drops_a_message_that_is_in_flight(tmp_path):
+    box = Outbox(spool(tmp_path), maxsize=3)
+    box.go_online()
+    for i in range(3):
+        box.put(Message("t", b"%d" % i))
+    assert [m.payload for m, _ in box.head(2)] == [b"0", b"1"]  # handed to the broker
+    box.put(Message("t", b"3"))  # full: drops 2, the oldest not in flight
+    box.pop()
+    box.pop()  # 0 and 1 confirmed
+    assert [m.payload for m, _ in box.head(10)] == [b"3"]
+    assert box.dropped == 1
+    box.spool.close()

@@ -30,6 +30,7 @@ from linectl.northbound.spool import Message, Outbox
 from linectl.northbound.view import LineView, line_values, station_values
 
 log = logging.getLogger("linectl.northbound")
+WINDOW = 20  # publishes in flight per connection (paho's max_inflight_messages default)
 # paho logs every lost socket at ERROR; MqttLink says it once per outage, naming the setting.
 _client_log = logging.getLogger("linectl.northbound.client")
 _client_log.setLevel(logging.CRITICAL)
@@ -365,13 +366,20 @@ class MqttLink:
                 self._rebirth = False
                 for message in self.publisher.births():
                     await self._send(client, message, message.payload)
-            item = self.outbox.peek()
-            if item is None:
+            batch = self.outbox.head(WINDOW)
+            if not batch:
                 await self.outbox.wait()
                 continue
-            message, delayed = item
-            await self._send(client, message, self.publisher.prepare(message, delayed))
-            self.outbox.pop()
+            # Up to WINDOW publishes in flight at once, in order (each is handed to the socket
+            # before the next starts); one acknowledgement round trip per message would make
+            # a busy loop's latency the line's throughput limit. Popped once all are confirmed:
+            # a failure sends them again after the reconnect (at least once).
+            payloads = [self.publisher.prepare(m, delayed) for m, delayed in batch]
+            async with asyncio.TaskGroup() as tg:
+                for (message, _), payload in zip(batch, payloads, strict=True):
+                    tg.create_task(self._send(client, message, payload))
+            for _ in batch:
+                self.outbox.pop()
 
     async def _send(self, client: aiomqtt.Client, message: Message, payload: bytes) -> None:
         await client.publish(

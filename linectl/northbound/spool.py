@@ -9,6 +9,7 @@ event feed that calls it must not be slowed by a broker.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import struct
@@ -103,6 +104,10 @@ class Spool:
     def peek(self) -> bytes | None:
         return self._records[0] if self._records else None
 
+    @property
+    def records(self) -> deque[bytes]:
+        return self._records
+
     def pop(self) -> None:
         record = self._records.popleft()
         self.nbytes -= len(record)
@@ -155,6 +160,7 @@ class Outbox:
         self.online = False
         self.dropped = 0  # from memory, broker too slow
         self._memory: deque[Message] = deque()
+        self._sending = 0  # memory messages at the head handed to the broker, unconfirmed
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
@@ -163,8 +169,10 @@ class Outbox:
     def put(self, message: Message) -> None:
         if self.online and not len(self.spool):
             if len(self._memory) >= self.maxsize:
-                self._memory.popleft()
                 self.dropped += 1
+                if len(self._memory) <= self._sending:
+                    return  # all of them are in flight: this one is the oldest we can drop
+                del self._memory[self._sending]  # the oldest not in flight
             self._memory.append(message)
         else:
             self.spool.append(message.encode())
@@ -177,11 +185,19 @@ class Outbox:
             return Message.decode(record), True
         return (self._memory[0], False) if self._memory else None
 
+    def head(self, n: int) -> list[tuple[Message, bool]]:
+        """The next ``n`` messages (or fewer), oldest first, as ``peek`` gives them."""
+        out = [(Message.decode(r), True) for r in itertools.islice(self.spool.records, n)]
+        memory = [(m, False) for m in itertools.islice(self._memory, n - len(out))]
+        self._sending = len(memory)
+        return out + memory
+
     def pop(self) -> None:
         if len(self.spool):
             self.spool.pop()
         else:
             self._memory.popleft()
+            self._sending = max(0, self._sending - 1)
 
     async def wait(self) -> None:
         """Until there is something to send, or ``wake()`` was called."""
@@ -195,6 +211,7 @@ class Outbox:
     def go_offline(self) -> None:
         """The broker is gone: what waits in memory goes to disk, in order, behind the spool."""
         self.online = False
+        self._sending = 0
         while self._memory:
             self.spool.append(self._memory.popleft().encode())
 

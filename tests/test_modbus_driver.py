@@ -245,3 +245,14 @@ def test_reads_bridge_gaps_but_never_exceed_125_registers():
     assert [(r.start, r.count) for r in reads] == [(0, 120), (120, 48), (1000, 24)]
     assert [tuple(n for n, _, _ in r.stations) for r in reads] == [("s1",), ("s2", "s3"), ("s4",)]
     assert SLOT_WORDS * 7 + HEADER_WORDS == 120
+
+
+async def test_a_command_whose_echo_is_out_of_contract_is_unconfirmed_not_a_crash(sim):
+    """The slot shows state 99 when the echo is read: the command raises PlcTimeout (the
+    caller sends it again), never the ProtocolViolation the supervisor does not expect; the
+    poll tells the violation."""
+    async with running(sim.line) as (driver, events):
+        sim.station("s1").violate("state")
+        with pytest.raises(PlcTimeout, match=r"station 's1' slot 0: command START seq 1 unconf"):
+            await driver.command("s1", 0, 1, Command.START, 4)
+        await events.next(lambda e: isinstance(e, StationViolation), what="the poll's violation")

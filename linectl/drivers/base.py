@@ -167,9 +167,11 @@ class PlcDriver(abc.ABC):
     ) -> SlotStatus:
         """Send one command and return the slot status in which the PLC echoes ``seq``.
 
-        Raises PlcTimeout when no echo arrives within the request deadline, PlcConnectionLost
-        when not connected, CommandRefused when the PLC echoes ``seq`` with a refusal. Sending
-        the same ``seq`` again is safe: the PLC runs a sequence number once.
+        Raises PlcTimeout when no echo arrives within the request deadline (also when the PLC
+        could not evaluate it, or answered outside the contract: the command is unconfirmed),
+        PlcConnectionLost when not connected, CommandRefused when the PLC echoes ``seq`` with a
+        refusal, and nothing else. Sending the same ``seq`` again is safe: the PLC runs a
+        sequence number once.
         """
 
     @abc.abstractmethod

@@ -54,6 +54,7 @@ from linectl.errors import (
     ConfigError,
     PlcConnectionLost,
     PlcError,
+    PlcTimeout,
     ProtocolViolation,
 )
 from linectl.security import PlcSecurityError
@@ -421,6 +422,16 @@ class ModbusDriver(DriverCore):
                     f"{_command_name(code)} seq {seq} within {self.config.timeout_s} s",
                     echo_started,
                 ) from exc
+        except ProtocolViolation as exc:
+            # An answer outside the contract (an exception response, an undecodable echo): the
+            # poll tells the station's violation; the command is unconfirmed, which the caller
+            # handles by sending the same number again (never a crash of the line).
+            raise PlcTimeout(
+                f"{where}: command {_command_name(code)} seq {seq} unconfirmed: "
+                f"{str(exc).removeprefix(where + ': ')}",
+                plc=self.name,
+                station=station,
+            ) from exc
         except PlcError as exc:
             exc.station = station
             raise

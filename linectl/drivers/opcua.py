@@ -449,7 +449,10 @@ class OpcUaDriver(DriverCore):
             ua.Variant(unit, ua.VariantType.UInt32),
         ]
         what = f"call {method.to_string()}"
-        (result,) = await self._request(what, client.uaclient.call([request]), station)
+        try:
+            (result,) = await self._request(what, client.uaclient.call([request]), station)
+        except ProtocolViolation as exc:  # a service fault: unconfirmed, as a timeout is
+            raise PlcTimeout(str(exc), plc=self.name, station=station) from exc
         if not result.StatusCode.is_good():
             # The PLC could not evaluate the command (docs/plc-interface.md, section 3): it was
             # not run, so the caller sends the same sequence number again, as after a timeout.
@@ -464,13 +467,14 @@ class OpcUaDriver(DriverCore):
             ack_seq, verdict = (v.Value for v in result.OutputArguments)
             verdict = CmdStatus(verdict)
         except (ua.UaError, ValueError, TypeError) as exc:
-            raise ProtocolViolation(
+            # Outside the contract, so unconfirmed: the caller sends the same number again.
+            raise PlcTimeout(
                 f"{self.where} station '{station}' node {method.to_string()}: bad answer: {exc}",
                 plc=self.name,
                 station=station,
             ) from exc
         if ack_seq != seq:
-            raise ProtocolViolation(
+            raise PlcTimeout(
                 f"{self.where} station '{station}' node {method.to_string()}: "
                 f"echoed seq {ack_seq} for seq {seq}",
                 plc=self.name,

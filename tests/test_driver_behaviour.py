@@ -188,31 +188,33 @@ async def rigged(
                 task.cancel()
 
 
+async def _connected(kind: str) -> AsyncIterator[Rig]:
+    async with rigged(kind) as rig:
+        await rig.events.connection(True)
+        yield rig
+
+
 @pytest.fixture(params=[*ALL[:2], "opcua-poll", *ALL[2:]])
 async def handshake_rig(request) -> AsyncIterator[Rig]:
-    async with rigged(request.param) as rig:
-        await rig.events.connection(True)
+    async for rig in _connected(request.param):
         yield rig
 
 
 @pytest.fixture(params=ALL)
 async def rig(request) -> AsyncIterator[Rig]:
-    async with rigged(request.param) as rig:
-        await rig.events.connection(True)
+    async for rig in _connected(request.param):
         yield rig
 
 
 @pytest.fixture(params=SOCKETS)
 async def socket_rig(request) -> AsyncIterator[Rig]:
-    async with rigged(request.param) as rig:
-        await rig.events.connection(True)
+    async for rig in _connected(request.param):
         yield rig
 
 
 @pytest.fixture(params=POLLED)
 async def polled_rig(request) -> AsyncIterator[Rig]:
-    async with rigged(request.param) as rig:
-        await rig.events.connection(True)
+    async for rig in _connected(request.param):
         yield rig
 
 

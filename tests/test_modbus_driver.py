@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from linectl.config import Line, Station, parse_config
 from linectl.contract import HEADER_WORDS, S_STATE, SLOT_WORDS, Command, State
-from linectl.drivers.base import ConnectionChange, DriverEvent, SlotUpdate, StationViolation
+from linectl.drivers.base import StationViolation
 from linectl.drivers.modbus import ModbusDriver, plan_reads
 from linectl.errors import PlcConnectionLost, PlcTimeout
 from simulators.runner import SimLine
 from tests.helpers import eventually
+from tests.test_driver_behaviour import Events
 
 PLC = (
     "{protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, timeout_s: 0.2, "
@@ -47,58 +48,6 @@ LINE = line_of(
   slow: {plc: p, address: 72, cycle_s: 5.0, capacity: 2}
 """
 )
-
-
-class Events:
-    """The driver's sink: records events; a test waits for the next one that matches.
-
-    ``next`` reads on from the previous match, so successive waits follow the event order.
-    """
-
-    def __init__(self) -> None:
-        self.seen: list[DriverEvent] = []
-        self.cursor = 0
-        self._new = asyncio.Event()
-
-    def __call__(self, event: DriverEvent) -> None:
-        self.seen.append(event)
-        self._new.set()
-
-    async def next(
-        self, match: Callable[[DriverEvent], bool], *, within: float = 3.0, what: str = "event"
-    ) -> DriverEvent:
-        try:
-            async with asyncio.timeout(within):
-                while True:
-                    while self.cursor < len(self.seen):
-                        event = self.seen[self.cursor]
-                        self.cursor += 1
-                        if match(event):
-                            return event
-                    self._new.clear()
-                    await self._new.wait()
-        except TimeoutError:
-            raise AssertionError(f"no {what} within {within} s; saw {self.seen[-5:]}") from None
-
-    async def slot(self, station: str, state: State, slot: int = 0) -> SlotUpdate:
-        event = await self.next(
-            lambda e: (
-                isinstance(e, SlotUpdate)
-                and (e.station, e.slot, e.status.state) == (station, slot, state)
-            ),
-            what=f"{station} slot {slot} {state.name}",
-        )
-        assert isinstance(event, SlotUpdate)
-        return event
-
-    async def connection(self, connected: bool, within: float = 3.0) -> ConnectionChange:
-        event = await self.next(
-            lambda e: isinstance(e, ConnectionChange) and e.connected is connected,
-            within=within,
-            what=f"ConnectionChange(connected={connected})",
-        )
-        assert isinstance(event, ConnectionChange)
-        return event
 
 
 def stations_of(line: Line, plc: str = "p") -> dict[str, Station]:

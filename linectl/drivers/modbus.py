@@ -136,6 +136,7 @@ class ModbusDriver(DriverCore):
         self._client: AsyncModbusTcpClient | None = None
         self._lock = asyncio.Lock()  # one request at a time on the one connection
         self._in_flight = False
+        self._finished = 0  # requests finished (answered or not) on this driver: progress
         self._raw: dict[str, list[int]] = {}  # each station's block as last decoded
         self.polls_started = 0
 
@@ -270,16 +271,9 @@ class ModbusDriver(DriverCore):
         self, what: str, call: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]
     ) -> ModbusPDU:
         """One request on the one connection. Two deadlines of ``timeout_s`` each: waiting for
-        the request in flight (a poll's read) to finish, then this request's answer."""
+        the connection (``_acquire``), then this request's answer."""
         timeout = self.config.timeout_s
-        waiting = self.now()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._lock.acquire()
-        except TimeoutError as exc:
-            raise self._timed_out(
-                f"{what}: waited {timeout} s behind another request", waiting
-            ) from exc
+        await self._acquire(what)
         try:
             client = self._client
             if client is None:
@@ -315,6 +309,7 @@ class ModbusDriver(DriverCore):
                 raise PlcConnectionLost(message, plc=self.name) from exc
             finally:
                 self._in_flight = False
+                self._finished += 1
         finally:
             self._lock.release()
         self._request_done(started)
@@ -322,6 +317,41 @@ class ModbusDriver(DriverCore):
         if response.isError():
             self._failed(f"{what}: refused with {_exception_name(response)}")
         return response
+
+    async def _acquire(self, what: str) -> None:
+        """Wait for the one connection, in turn. The deadline is ``timeout_s`` without progress:
+        a request ahead that finishes restarts it, so a queue of commands behind a slow but
+        working link never times out, while one behind a request that hangs does."""
+        lock = self._lock
+        if not lock.locked():
+            await lock.acquire()
+            return
+        timeout = self.config.timeout_s
+        waiting = self.now()
+        acquiring = asyncio.ensure_future(lock.acquire())
+        acquired = False
+        try:
+            while True:
+                finished = self._finished
+                done, _ = await asyncio.wait({acquiring}, timeout=timeout)
+                if done:
+                    acquired = True
+                    return
+                if self._finished == finished:
+                    raise PlcTimeout(
+                        self._failed(
+                            f"{what}: waited {timeout} s behind a request that did not finish",
+                            started=waiting,
+                        ),
+                        plc=self.name,
+                    )
+        finally:
+            if not acquired:
+                # Give the turn back: cancelled while waiting, or granted just as we gave up.
+                if acquiring.done() and not acquiring.cancelled():
+                    lock.release()
+                else:
+                    acquiring.cancel()
 
     def _read(self, start: int, count: int, context: str = "") -> Awaitable[ModbusPDU]:
         unit_id = self.config.unit_id
@@ -396,8 +426,10 @@ class ModbusDriver(DriverCore):
     ) -> SlotStatus:
         """One write of the command area, then reads of the slot until it echoes ``seq``.
 
-        Each phase has its own deadline of ``timeout_s``: waiting behind a poll, the write, and
-        the echo (a steady round trip of a third of the deadline costs no re-send).
+        Each phase has its own deadline of ``timeout_s``: waiting for the connection (restarted
+        by every request ahead that finishes), each request's answer, and the echo (from the
+        first answer without it). A steady slow round trip well under the deadline, or a queue
+        of commands behind each other, costs no re-send.
         """
         self._slot_of(station, slot)
         where = f"{self.where} station '{station}' slot {slot}"
@@ -409,19 +441,19 @@ class ModbusDriver(DriverCore):
             self._guard.commanded((station, slot), unit)
         try:
             await self._write_command(station, slot, words)
-            echo_started = self.now()
-            try:
-                async with asyncio.timeout(self.config.timeout_s):
-                    status = await self._read_slot(station, slot)
-                    while status.ack_seq != seq:
-                        await asyncio.sleep(min(self.config.poll_interval_s, 0.01))
-                        status = await self._read_slot(station, slot)
-            except TimeoutError as exc:
-                raise self._timed_out(
-                    f"station '{station}' slot {slot}: no echo of command "
-                    f"{_command_name(code)} seq {seq} within {self.config.timeout_s} s",
-                    echo_started,
-                ) from exc
+            status = await self._read_slot(station, slot)
+            # The echo's own deadline counts from the first answer without it: how long the
+            # PLC takes to evaluate, not how long the reads wait for the connection.
+            unechoed = self.now()
+            while status.ack_seq != seq:
+                if self.now() - unechoed > self.config.timeout_s:
+                    raise self._timed_out(
+                        f"station '{station}' slot {slot}: no echo of command "
+                        f"{_command_name(code)} seq {seq} within {self.config.timeout_s} s",
+                        unechoed,
+                    )
+                await asyncio.sleep(min(self.config.poll_interval_s, 0.01))
+                status = await self._read_slot(station, slot)
         except ProtocolViolation as exc:
             # An answer outside the contract (an exception response, an undecodable echo): the
             # poll tells the station's violation; the command is unconfirmed, which the caller

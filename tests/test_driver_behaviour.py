@@ -29,6 +29,7 @@ from linectl.drivers.inprocess import InProcessDriver
 from linectl.errors import CommandRefused, PlcConnectionLost, PlcTimeout
 from simulators.runner import SimLine
 from simulators.station import SimPlc, SimStation
+from tests.faultproxy import FaultProxy
 from tests.helpers import eventually
 
 TIME_SCALE = 0.01
@@ -470,78 +471,14 @@ async def test_cancelling_the_driver_stops_it_cleanly(kind: str):
 # --- real latency --------------------------------------------------------------------------
 
 
-class DelayProxy:
-    """A loopback TCP proxy that delays every chunk by ``delay`` seconds in each direction,
-    keeping order: a steady network round trip of twice ``delay``."""
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port = target_port
-        self.delay = delay
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> DelayProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._pipe(reader, up_writer))
-                    tg.create_task(self._pipe(up_reader, writer))
-            finally:
-                up_writer.close()
-        except OSError:
-            pass  # a peer went away: the connection ends
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=1000)
-
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                if not data:
-                    writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        async with asyncio.TaskGroup() as tg:
-            delivering = tg.create_task(deliver())
-            while data := await reader.read(65536):
-                await queue.put((loop.time() + self.delay, data))
-            await queue.put((loop.time() + self.delay, b""))
-            await delivering
-
-
 @contextlib.asynccontextmanager
 async def over_latency(kind: str, rtt: float, deadline: float) -> AsyncIterator[Rig]:
     """A driver talking to its simulated PLC through a proxy adding ``rtt`` of round trip."""
     async with SimLine(line_of(kind), free_ports=True, time_scale=TIME_SCALE) as sim:
         real = sim.line.plcs["p"]
         port = real.port if kind == "modbus" else int(real.url.rsplit(":", 1)[1])  # type: ignore[union-attr]
-        async with DelayProxy(port, rtt / 2) as proxy:
+        async with FaultProxy(("127.0.0.1", port)) as proxy:
+            proxy.latency_s = rtt / 2  # each way: a steady round trip of rtt
             update = {"timeout_s": deadline, "heartbeat_timeout_s": 3.0, "connect_timeout_s": 3.0}
             if kind == "modbus":
                 update |= {"port": proxy.port, "poll_interval_s": 0.02}

@@ -205,3 +205,22 @@ async def test_a_command_whose_echo_is_out_of_contract_is_unconfirmed_not_a_cras
         with pytest.raises(PlcTimeout, match=r"station 's1' slot 0: command START seq 1 unconf"):
             await driver.command("s1", 0, 1, Command.START, 4)
         await events.next(lambda e: isinstance(e, StationViolation), what="the poll's violation")
+
+
+async def test_a_command_cancelled_while_waiting_for_the_connection_leaves_it_free(sim):
+    """A command queued behind a hanging poll is cancelled: it leaves no task behind and does
+    not keep the connection's turn, so the next command goes through once the PLC answers."""
+    async with running(sim.line) as (driver, _):
+        server = sim.servers["p"]
+        server.stall()
+        sent = driver.statistics().requests
+        await eventually(lambda: driver.statistics().requests > sent, what="a poll in flight")
+        waiting = asyncio.create_task(driver.command("s1", 0, 1, Command.START, 1))
+        await asyncio.sleep(0)  # it queues behind the poll
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        server.stall(False)  # the poll is answered (or times out and the link is rebuilt)
+        await driver.wait_connected()
+        status = await driver.command("s2", 0, 1, Command.START, 2)
+        assert status.ack_seq == 1

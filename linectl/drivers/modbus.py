@@ -347,11 +347,12 @@ class ModbusDriver(DriverCore):
                     )
         finally:
             if not acquired:
-                # Give the turn back: cancelled while waiting, or granted just as we gave up.
-                if acquiring.done() and not acquiring.cancelled():
+                # Give the turn back, also if it was granted just as we gave up (or were
+                # cancelled): the waiting task ends here, never after us.
+                acquiring.cancel()
+                await asyncio.wait({acquiring})
+                if not acquiring.cancelled():
                     lock.release()
-                else:
-                    acquiring.cancel()
 
     def _read(self, start: int, count: int, context: str = "") -> Awaitable[ModbusPDU]:
         unit_id = self.config.unit_id

@@ -243,7 +243,7 @@ async def _feed_cpu(stations: int, seconds: float, northbound: bool) -> float:
     sup = Supervisor(line, journal=Journal())
     nb = Northbound(sup, line)
     await nb.start()
-    if northbound:
+    if nb.opcua is not None:
         async with asyncio.timeout(120):
             await nb.opcua.started.wait()
         await asyncio.sleep(1.0)  # births sent

@@ -39,7 +39,7 @@ class PrivateBroker:
         self.dir = workdir
         self.port = free_port()
         self.users = users or {}
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -69,11 +69,13 @@ class PrivateBroker:
 
     async def start(self) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = await asyncio.create_subprocess_exec(binary, "-c", str(self._config()))
+        # Popen, polled, not asyncio's subprocesses: their child-watcher thread was seen to
+        # hang tests that start processes on a heavily loaded machine.
+        self.proc = subprocess.Popen([binary, "-c", str(self._config())])  # noqa: ASYNC220
 
         def accepting() -> bool:
             assert self.proc is not None
-            if self.proc.returncode is not None:
+            if self.proc.poll() is not None:
                 raise AssertionError(f"mosquitto exited with {self.proc.returncode}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
@@ -85,8 +87,12 @@ class PrivateBroker:
         if proc is None:
             return
         proc.terminate()  # SIGTERM: mosquitto saves its persistence file, then exits
-        async with asyncio.timeout(10):
-            await proc.wait()
+        try:
+            await eventually(lambda: proc.poll() is not None, within=10, what="mosquitto exit")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
 
 
 @contextlib.asynccontextmanager

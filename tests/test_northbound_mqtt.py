@@ -4,16 +4,20 @@ restart, and a broker that refuses us, none of which may stop the line."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import logging
+import re
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from linectl.config import parse_config
+from linectl.metrics import serve_metrics
 from linectl.northbound import Northbound
 from linectl.northbound.sparkplug import decode, value_of
 from tests.helpers import eventually
@@ -63,6 +67,18 @@ async def northbound(sup, line) -> AsyncIterator[Northbound]:
         yield nb
     finally:
         await nb.stop()
+
+
+async def scrape(sup, nb) -> str:
+    """GET /metrics of a metrics endpoint that knows the northbound parts."""
+    server = await serve_metrics(sup, sup.line, "127.0.0.1", 0, northbound=nb)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        return await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode()
+        )
+    finally:
+        await server.stop()
 
 
 def sparkplug(rec: Recorder, group: str, kind: str) -> list[tuple[str, object]]:
@@ -185,7 +201,7 @@ async def test_a_broker_that_refuses_us_is_one_line_and_the_line_runs_on(tmp_pat
             name="nb",
             count=4,
             port=broker.port,
-            backoff=0.05,
+            backoff=0.1,
             prefix="test/x",
             group="g",
             spool=tmp_path / "spool",
@@ -201,6 +217,15 @@ async def test_a_broker_that_refuses_us_is_one_line_and_the_line_runs_on(tmp_pat
                     what="several refused connects",
                 )
                 assert not any(s.connected for s in nb.statistics().links)
+                body = await scrape(run.sup, nb)
+        # The outage on the metrics.
+        assert 'linectl_northbound_mqtt_connected{line="nb",link="uns"} 0.0' in body
+        failures = re.search(
+            r'linectl_northbound_mqtt_connect_failures_total\{line="nb",link="sparkplug"\} (\S+)',
+            body,
+        )
+        assert failures is not None and float(failures.group(1)) >= 3
+        assert 'linectl_northbound_mqtt_spool_max_messages{line="nb",link="uns"} 100000.0' in body
         refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
         assert len(refusals) == 2, refusals  # one per link, not one per attempt
         assert "user 'linectl'" in refusals[0]

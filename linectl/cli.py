@@ -80,6 +80,13 @@ def check(
                 "anyone on its network can read and command it (docs/security.md)",
                 err=True,
             )
+    northbound = cfg.northbound.opcua if cfg.northbound is not None else None
+    if northbound is not None and northbound.allow_anonymous:
+        typer.echo(
+            f"{config}: warning: northbound.opcua.allow_anonymous: anyone on "
+            f"{northbound.host} reads the line unencrypted, without login (docs/northbound.md)",
+            err=True,
+        )
 
 
 @app.command()

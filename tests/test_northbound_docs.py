@@ -78,3 +78,17 @@ def test_the_commands_are_the_demos():
     commands = shell_commands()
     assert "linectl demo config/demo-northbound.yaml" in commands
     assert "mosquitto_sub -h 127.0.0.1 -t 'acme/#' -t 'spBv1.0/#' -v" in commands
+
+
+def test_check_says_the_demo_allows_anonymous_readers():
+    from typer.testing import CliRunner
+
+    from linectl.cli import app
+
+    result = CliRunner().invoke(app, ["check", "config/demo-northbound.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "ok: line 'demo_nb'" in result.stdout
+    assert (
+        "config/demo-northbound.yaml: warning: northbound.opcua.allow_anonymous: anyone on "
+        "127.0.0.1 reads the line unencrypted, without login" in result.stderr
+    )

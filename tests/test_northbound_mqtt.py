@@ -14,12 +14,13 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from linectl.config import parse_config
 from linectl.metrics import serve_metrics
 from linectl.northbound import Northbound
-from linectl.northbound.sparkplug import decode, value_of
+from linectl.northbound.sparkplug import REBIRTH, decode, payload, value_of
 from tests.helpers import eventually
 from tests.linefixtures import running_line
 from tests.mosquitto import Recorder, private_broker, unique
@@ -232,3 +233,23 @@ async def test_a_broker_that_refuses_us_is_one_line_and_the_line_runs_on(tmp_pat
         assert "northbound.mqtt.login" in refusals[0]
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert not [e for e in errors if "northbound" in e], errors
+
+
+async def test_a_rebirth_command_sends_the_births_again_with_seq_zero(tmp_path):
+    line, prefix, group = line_config(tmp_path, count=2)
+    rec = Recorder()
+    async with (
+        rec.listening([f"spBv1.0/{group}/#", f"{prefix}/#"]),
+        running_line(line) as run,
+        northbound(run.sup, run.sup.line),
+    ):
+        await eventually(lambda: sparkplug(rec, group, "DBIRTH"), what="the first births")
+        rebirth = payload({REBIRTH: True}, 0).SerializeToString()
+        async with aiomqtt.Client("127.0.0.1", 1883) as host:  # a Sparkplug host application
+            await host.publish(f"spBv1.0/{group}/NCMD/nb", rebirth, qos=0)
+        await eventually(lambda: len(sparkplug(rec, group, "NBIRTH")) == 2, what="a rebirth")
+        first, second = (p for _, p in sparkplug(rec, group, "NBIRTH"))
+        assert second.seq == 0
+        assert metrics(second)["bdSeq"] == metrics(first)["bdSeq"]  # same session, same will
+        await eventually(lambda: len(sparkplug(rec, group, "DBIRTH")) == 4, what="DBIRTHs")
+    await rec.clear_retained(prefix)

@@ -102,3 +102,40 @@ def test_an_empty_window_gets_one_line_and_a_non_zero_exit(tmp_path):
     assert result.stderr.strip() == (
         "linectl replay: no steps of line 'small' recorded from 2001-01-01 to 2001-01-02"
     )
+
+
+async def test_a_live_runs_trace_replays_near_what_it_recorded(tmp_path):
+    """A line run live over sockets (spread, rejects, faults) into a SQLite trace, replayed
+    under its own config. The replay has no controller latency, so it is never slower; how much
+    faster depends on the machine's load while recording (23 % at a load average of 8, 69 % at
+    12), so the replay is held to the line's own pace instead: the route's two 3 s stations
+    pass a unit every 1.5 s, a little more with the recorded faults and rejects."""
+    import asyncio
+
+    from linectl.journal import Journal
+    from linectl.store import TraceStore
+    from tests.linefixtures import run_to_completion
+    from tests.test_supervisor import make_line
+
+    spec = "sim: {distribution: normal, spread: 0.1, reject_p: 0.05, fault_p: 0.03, seed: %d}"
+    line = parse_config(
+        make_line(
+            {"a": f"cycle_s: 1, {spec % 1}", "r1": f"cycle_s: 3, {spec % 2}",
+             "r2": f"cycle_s: 3, {spec % 3}", "z": f"cycle_s: 1, {spec % 4}"},
+            "[a, {route: {policy: least_loaded, branches: [[r1], [r2]]}}, z]",
+            time_scale=0.05,
+            extra="release: {count: 30}\nretry: {attempts: 3, backoff_s: 0.5}",
+        )
+    )  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'live.sqlite3'}"
+    async with await TraceStore.open(url, line.line) as store:
+        _sim, sup = await run_to_completion(line, within=40, journal=Journal(store))
+        units = await store.units(None, None, None, None, None)
+    assert sup.finished + len(sup.quarantined) == 30
+    result = await asyncio.to_thread(run, replay(line, units, line))
+    recorded, replayed = result.recorded, result.replayed
+    assert result.units == 30 and not result.notes
+    assert recorded.quarantined > 0
+    assert abs(replayed.quarantined - recorded.quarantined) <= 3
+    assert replayed.interval_s <= 1.05 * recorded.interval_s
+    assert replayed.interval_s == pytest.approx(1.5, rel=0.2)

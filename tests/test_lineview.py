@@ -200,6 +200,31 @@ async def test_in_chromium_the_diagram_is_drawn_changes_show_within_a_second_and
             within=2,
             what=f"{serial} gone from the page's quarantine list",
         )
+
+        # Paused and drained, the line comes to rest, and the page shows every station as the
+        # supervisor has it (PackML state, idle, no unit).
+        run.sup.pause(True)
+        await eventually(lambda: not run.sup.units, within=20, what="the line to drain")
+
+        def truth() -> dict[str, list[str]]:
+            return {
+                f"st-{n}": [st.state.label, "idle", "0"]
+                for n, st in run.sup.statistics().stations.items()
+            }
+
+        async def page() -> dict[str, list[str]]:
+            return await browser.js(
+                "const out = {};"
+                "for (const g of document.querySelectorAll('g.station'))"
+                "  out[g.id] = [g.dataset.state, g.dataset.condition,"
+                "    String(g.querySelectorAll('rect.slot.full').length)];"
+                "return out;"
+            )
+
+        async def agrees() -> bool:
+            return await page() == truth()
+
+        await eventually(agrees, within=3, interval=0.05, what="the page to show the line")
         errors = [
             e
             for e in await asyncio.to_thread(browser.driver.get_log, "browser")

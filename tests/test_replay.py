@@ -136,6 +136,7 @@ async def test_a_live_runs_trace_replays_near_what_it_recorded(tmp_path):
     recorded, replayed = result.recorded, result.replayed
     assert result.units == 30 and not result.notes
     assert recorded.quarantined > 0
-    assert abs(replayed.quarantined - recorded.quarantined) <= 3
+    # Rejects follow each station's sequence of cycles; routing decides how far each runs.
+    assert abs(replayed.quarantined - recorded.quarantined) <= 5
     assert replayed.interval_s <= 1.05 * recorded.interval_s
     assert replayed.interval_s == pytest.approx(1.5, rel=0.2)

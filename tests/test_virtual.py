@@ -25,7 +25,7 @@ def test_an_hour_of_sleep_takes_no_wall_time_and_ends_exactly_on_time():
     wall = time.perf_counter()
     start, end = virtual.run(main(), start=100.0)
     assert (start, end) == (100.0, 3700.0)
-    assert time.perf_counter() - wall < 1.0
+    assert time.perf_counter() - wall < 5.0  # not an hour; generous for a loaded machine
 
 
 def test_sleepers_wake_in_order_each_at_its_own_deadline():

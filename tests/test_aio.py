@@ -82,3 +82,13 @@ def test_the_http_endpoints_answer_on_uvloop() -> None:
     pytest.importorskip("uvloop")
     reply = aio.run(_one_request(), loop="uvloop")
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"hi")
+
+
+def test_the_fast_extra_is_uvloop() -> None:
+    """README: ``pip install -e '.[fast]'`` adds uvloop."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert [d.split(">")[0] for d in extras["fast"]] == ["uvloop"]

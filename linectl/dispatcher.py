@@ -2,11 +2,13 @@
 
 It holds the line's state (units and their tokens, stations and their slots), turns each slot
 status a PLC reports into what happens to the unit there, and moves every token that can move.
-Commands leave through two hooks, ``_send_start`` and ``_send_reset``, which the supervisor
-implements with drivers and tasks; the journal receives the record of each decision.
+Commands leave through a port, ``Commands`` (``send_start``, ``send_reset``), which the
+supervisor implements with drivers and tasks and a test with a list; what comes back enters
+through the public methods ``slot_changed``, ``start_confirmed``, ``start_refused`` and
+``reset_done``. The journal receives the record of each decision.
 
-All state is changed only from the event loop's thread, so no locks are needed. Time is the
-loop's clock; wall-clock time exists only in the journal.
+All state is changed only from the event loop's thread, so no locks are needed. Time is line
+time, read from the clock it is handed (clock.py); wall-clock time exists only in the journal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 from linectl.clock import Clock
 from linectl.config import Line
@@ -53,18 +56,41 @@ log = logging.getLogger("linectl.supervisor")
 WORK_CONSERVING = frozenset({"least_loaded", "shortest_expected"})
 
 
+class Commands(Protocol):
+    """Where the dispatcher's commands go (the supervisor's drivers and tasks)."""
+
+    def send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+        """Journal the step durably, START it on ``slot`` until echoed, then call
+        ``start_confirmed`` (or ``start_refused``)."""
+
+    def send_reset(self, slot: Slot, seq: int) -> None:
+        """RESET ``slot`` with ``seq``, then call ``reset_done``."""
+
+
+class _NoCommands:
+    """For a dispatcher that is only read (statistics of a line that does not run)."""
+
+    def send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+        raise RuntimeError("this dispatcher has no command port")
+
+    def send_reset(self, slot: Slot, seq: int) -> None:
+        raise RuntimeError("this dispatcher has no command port")
+
+
 class Dispatcher:
     """The line's state and every decision about it; the supervisor adds the I/O."""
 
     def __init__(
         self,
         line: Line,
+        commands: Commands | None = None,
         *,
+        clock: Clock | None = None,
         journal: Journal | None = None,
         exit_when_done: bool = False,
-        clock: Clock | None = None,
     ) -> None:
         self.line = line
+        self.commands: Commands = commands or _NoCommands()
         # Simulated PLCs may run faster than life (time_scale); the engine sees line time only.
         self.clock = clock or Clock(line.time_scale)
         self.flow: CompiledFlow = compile_flow(line)
@@ -101,7 +127,7 @@ class Dispatcher:
         self._waiting = Waiting()  # tokens with somewhere to go, queued per target
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._change = asyncio.Event()  # set on every change, for whoever waits for one
         self._last_release = -float("inf")
         self._wake: asyncio.TimerHandle | None = None
         # Per dispatch pass and number of moves made in it, what routes look like; a route's
@@ -111,19 +137,39 @@ class Dispatcher:
         self._views: dict[tuple[int, int, int], list[BranchView]] = {}
         self._blocked: set[tuple[int, int, int]] = set()
 
-    # --- the I/O the supervisor supplies ----------------------------------------------------
+    # --- running -----------------------------------------------------------------------
 
-    def _send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
-        """Journal the step durably, START it on ``slot`` until echoed, then call
-        ``_start_confirmed`` (or ``_start_refused``)."""
-        raise NotImplementedError
-
-    def _send_reset(self, slot: Slot, seq: int) -> None:
-        """RESET ``slot`` with ``seq``, then call ``_reset_done``."""
-        raise NotImplementedError
+    async def run(self) -> None:
+        """Dispatch passes, one whenever something changed, until cancelled."""
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            self.dispatch()
 
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop releasing units (the supervisor then drains what is in process)."""
+        self._stopping.set()
+        self._kick.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_stopping(self) -> None:
+        await self._stopping.wait()
+
+    async def wait_change(self) -> None:
+        """Return at the next change of the line's state."""
+        self._change.clear()
+        await self._change.wait()
+
+    def in_process(self) -> list[Token]:
+        """Tokens whose step a PLC has been commanded or is working on."""
+        return [t for t in self.tokens() if t.phase in (Phase.COMMANDED, Phase.RUNNING)]
+
+    def want(self, tok: Token) -> None:
+        """Queue ``tok`` for ``tok.target`` (a unit put back by recovery)."""
+        self._waiting.add(tok)
 
     # --- clocks -----------------------------------------------------------------------
 
@@ -135,7 +181,7 @@ class Dispatcher:
 
     # --- a slot's status --------------------------------------------------------------
 
-    def _on_slot(self, slot: Slot, status: SlotStatus, at: float) -> None:
+    def slot_changed(self, slot: Slot, status: SlotStatus, at: float) -> None:
         previous = slot.status
         slot.seen(status)
         st = slot.station
@@ -210,7 +256,7 @@ class Dispatcher:
         node = self.flow.stations[st.name]
         if rejected and node.on_reject is None:
             self.rejected += 1
-            self._quarantine(unit, f"rejected at {st.name}", at, failed=tok)
+            self.quarantine(unit, f"rejected at {st.name}", at, failed=tok)
             return
         tok.phase = Phase.DONE
         tok.done_at = at
@@ -231,7 +277,7 @@ class Dispatcher:
         if isinstance(where, Exit):
             self._vacate(tok)
             self._drop(tok)
-            self._finish_unit(unit, at)
+            self.finish_unit(unit, at)
         elif isinstance(where, Join):
             self._vacate(tok)
             self._drop(tok)
@@ -311,7 +357,7 @@ class Dispatcher:
             return
         node = self.flow.stations[station]
         if tok.attempt - unit.attempts_at_release.get(station, 0) >= self.line.retry.attempts:
-            self._quarantine(unit, reason, at, failed=tok, node=node)
+            self.quarantine(unit, reason, at, failed=tok, node=node)
             return
         route = self.flow.route_of(station)
         # The first station of a route branch: try the unit on whichever branch is up.
@@ -340,7 +386,7 @@ class Dispatcher:
         if tok in tok.unit.tokens:
             tok.unit.tokens.remove(tok)
 
-    def _finish_unit(self, unit: Unit, at: float) -> None:
+    def finish_unit(self, unit: Unit, at: float) -> None:
         unit.status = "finished"
         unit.finished_at = at
         del self.units[unit.id]
@@ -350,9 +396,9 @@ class Dispatcher:
         self.lead_hist.observe(at - unit.released_at, unit.serial)
         self.journal.unit_finished(unit.id, self.wall(at))
         self._unit_event("finished", unit, at)
-        self._check_done()
+        self.check_done()
 
-    def _quarantine(
+    def quarantine(
         self,
         unit: Unit,
         reason: str,
@@ -384,7 +430,7 @@ class Dispatcher:
         self.quarantine_count += 1
         self.journal.unit_quarantined(unit.id, reason, self.wall(at))
         self._unit_event("quarantined", unit, at, reason=reason)
-        self._check_done()
+        self.check_done()
 
     def release_quarantined(self, unit_id: int, detail: str = "operator") -> Unit:
         """Put a quarantined unit back into the line at the station where it failed (the
@@ -406,10 +452,10 @@ class Dispatcher:
         self.journal.operator_action("release", unit.serial, wall, detail)
         self.journal.quarantine_released(unit.id, wall)
         self._unit_event("quarantine_released", unit, self.now())
-        self._changed()
+        self.changed()
         return unit
 
-    def _check_done(self) -> None:
+    def check_done(self) -> None:
         count = self.line.release.count
         if (
             self.exit_when_done
@@ -431,13 +477,13 @@ class Dispatcher:
         """Ask for a dispatch pass (the service watchdog's probe of the dispatch loop)."""
         self._kick.set()
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         if self.on_event is not None:
             self.on_event()
-        self._idle.set()
+        self._change.set()
         self._kick.set()
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         now = self.now()
         next_wake = float("inf")
         self._pass += 1
@@ -449,7 +495,7 @@ class Dispatcher:
             if now >= slot.reset_at:
                 slot.busy = True
                 slot.needs_reset = False
-                self._send_reset(slot, slot.take_seq())
+                self.commands.send_reset(slot, slot.take_seq())
             else:
                 next_wake = min(next_wake, slot.reset_at)
         for slot in list(self._held):
@@ -668,11 +714,11 @@ class Dispatcher:
         st.account(self.now())
         if previous is not None:
             previous.station.account(self.now())
-        self._send_start(tok, slot, previous)
+        self.commands.send_start(tok, slot, previous)
 
     # --- commands coming back ---------------------------------------------------------------
 
-    def _start_confirmed(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+    def start_confirmed(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         """The PLC echoed the START: the unit has left ``previous``, which is owed a RESET."""
         slot.busy = False
         slot.refusals = 0
@@ -686,9 +732,9 @@ class Dispatcher:
             previous.busy = False
             previous.needs_reset = True
             previous.reset_waits_for_journal = False
-        self._changed()
+        self.changed()
 
-    def _start_refused(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+    def start_refused(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         """The PLC refused the START (its slot was not Idle after all): the unit stays where
         it was and tries again."""
         st = slot.station
@@ -710,11 +756,11 @@ class Dispatcher:
         tok.target = self.flow.stations[st.name]
         self._waiting.add(tok)
         st.account(self.now())
-        self._changed()
+        self.changed()
 
-    def _reset_done(self, slot: Slot) -> None:
+    def reset_done(self, slot: Slot) -> None:
         slot.busy = False
-        self._changed()
+        self.changed()
 
     # --- operator control -------------------------------------------------------------
 
@@ -730,13 +776,13 @@ class Dispatcher:
         wall = self.wall()
         self.journal.operator_action(kind, station, wall, detail)
         self.journal.station_event(station, kind, wall, None, detail)
-        self._changed()
+        self.changed()
 
     def pause(self, paused: bool = True, detail: str = "operator") -> None:
         """Stop (or resume) releasing units; what is in the line carries on."""
         self.paused = paused
         self.journal.operator_action("pause" if paused else "resume", "", self.wall(), detail)
-        self._changed()
+        self.changed()
 
     async def wait_durable(self) -> None:
         """Return once everything decided so far (operator actions included) is journalled
@@ -745,7 +791,7 @@ class Dispatcher:
 
     # --- invariants and statistics ----------------------------------------------------
 
-    def _tokens(self) -> list[Token]:
+    def tokens(self) -> list[Token]:
         return [t for u in [*self.units.values(), *self.quarantined.values()] for t in u.tokens]
 
     def check_invariants(self) -> None:

@@ -1,4 +1,4 @@
-"""Where a unit stands after a restart, from its journalled steps. Pure: no I/O.
+"""Where a unit stands after a restart, from its journalled steps; no I/O.
 
 The journal holds every step's intent (written before its START) and, unless the crash came
 first, its outcome. Replaying a unit's steps through the flow puts its tokens back where they
@@ -11,14 +11,18 @@ were; the PLCs then settle what the journal could not know:
 
 An operator's release from quarantine is replayed at its place among the steps: the unit goes
 back in where it failed (``flow.resume_point``), with its attempt numbers going on.
+
+``replay`` is a pure function of the steps; ``restore`` puts every open unit, and the
+operator's actions still in force, back into a dispatcher.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from linectl.flow import (
     CompiledFlow,
@@ -31,6 +35,12 @@ from linectl.flow import (
     next_after,
     resume_point,
 )
+from linectl.linestate import Phase, Slot, Token, Unit
+
+if TYPE_CHECKING:
+    from linectl.dispatcher import Dispatcher
+
+log = logging.getLogger("linectl.supervisor")
 
 
 class StepLike(Protocol):
@@ -216,3 +226,102 @@ def _moved_on(step: StepLike, later: list[StepLike], flow: CompiledFlow) -> bool
             if isinstance(beyond, Node) and _reaches(beyond, s.station):
                 return True
     return False
+
+
+# --- putting the units back into a dispatcher -------------------------------------------------
+
+
+def restore(d: Dispatcher, records: Sequence[Any], state: Any) -> list[tuple[Token, Slot]]:
+    """Put the journal's open units (``records``, as the store's ``open_units`` gives them) and
+    the operator's actions in force (``state``) back into ``d``; return the steps whose START
+    must be settled with their PLC once it is connected."""
+    _restore_operator_state(d, state)
+    resumes: list[tuple[Token, Slot]] = []
+    now = d.now()
+    wall_now = d.wall(now)
+    for rec in records:
+        unit = Unit(rec.unit_id, rec.serial, d.clock.of_wall(rec.released_at))
+        d.recovered += 1
+        error: ReplayError | None = None
+        try:
+            placed: Replayed | None = replay(d.flow, list(rec.steps), rec.releases)
+        except ReplayError as exc:
+            placed, error = None, exc
+        if rec.status == "quarantined":
+            unit.status, unit.reason = "quarantined", rec.reason or ""
+            if placed is not None:
+                # So that a release after the restart goes back where it failed.
+                unit.attempts = placed.attempts
+                unit.attempts_at_release = placed.attempts_at_release
+                failed = d.flow.stations.get(placed.failed_at)
+                unit.resume = resume_point(failed) if failed is not None else None
+            d.quarantined[unit.id] = unit
+            continue
+        d.units[unit.id] = unit
+        if placed is None:
+            d.quarantine(unit, f"cannot resume after restart: {error}", now)
+            continue
+        for step in placed.superseded:
+            d.journal.step_finished(unit.id, step.station, step.attempt, wall_now, "pass")
+        unit.attempts, unit.joins, unit.branches = placed.attempts, placed.joins, placed.branches
+        unit.attempts_at_release = placed.attempts_at_release
+        misplaced = [
+            p
+            for p in placed.tokens
+            if p.station and p.slot is not None and p.slot >= d.stations[p.station].config.capacity
+        ]
+        if misplaced:
+            p = misplaced[0]
+            d.quarantine(
+                unit,
+                f"cannot resume after restart: it is in slot {p.slot} of '{p.station}', "
+                f"which now has capacity {d.stations[p.station].config.capacity}",
+                now,
+            )
+            continue
+        if placed.finished:
+            d.finish_unit(unit, now)
+            continue
+        for p in placed.tokens:
+            tok = Token(unit, p.target, forks=p.forks, seq=p.seq, attempt=p.attempt)
+            unit.tokens.append(tok)
+            if p.station and p.slot is not None:
+                slot = d.stations[p.station].slots[p.slot]
+                slot.occupant, tok.slot, tok.station = tok, slot, p.station
+                slot.next_seq = max(slot.next_seq, p.seq + 1)
+                if p.open:
+                    tok.phase = Phase.COMMANDED
+                    slot.busy = True
+                    resumes.append((tok, slot))
+                else:
+                    tok.phase = Phase.DONE
+            if p.target is not None:
+                d.want(tok)
+        if placed.rejected_at:
+            failed_tok = next((t for t in unit.tokens if t.station == placed.rejected_at), None)
+            d.quarantine(unit, f"rejected at {placed.rejected_at}", now, failed=failed_tok)
+    if d.recovered:
+        log.info("resumed %d units in the line, %d in quarantine", len(d.units), len(d.quarantined))
+    return resumes
+
+
+def _restore_operator_state(d: Dispatcher, state: Any) -> None:
+    """A paused line stays paused and a drained station stays drained across a restart."""
+    d.paused = state.paused
+    for name in sorted(state.out_of_service):
+        if name in d.stations:
+            d.stations[name].in_service = False
+        else:
+            log.warning(
+                "station '%s' was taken out of service but is no longer in the config; "
+                "ignoring that action",
+                name,
+            )
+    if state.paused or state.out_of_service:
+        log.info(
+            "operator actions in force: %s",
+            ", ".join(
+                (["release paused"] if state.paused else [])
+                + [f"'{n}' out of service" for n in sorted(state.out_of_service)]
+            ),
+        )

@@ -1,9 +1,14 @@
 """The supervisor: the dispatcher's decisions carried out against real PLCs.
 
-It owns the drivers (one per PLC), the journal's writer task and the command tasks, all in one
-TaskGroup; turns driver events into slot statuses for the dispatcher; sends each command until
-the PLC echoes its sequence number; and, on start, puts the journal's open units back in the
-line (see recovery.py) and settles their open steps with the PLCs.
+It composes a ``Dispatcher`` (every decision, no I/O) with what it lacks: the drivers (one per
+PLC), the journal's writer task and the command tasks, all in one TaskGroup. It is the
+dispatcher's command port (``send_start``, ``send_reset``): it sends each command until the PLC
+echoes its sequence number and reports the outcome back; it turns driver events into slot
+statuses for the dispatcher; and on start it puts the journal's open units back in the line
+(recovery.py) and settles their open steps with the PLCs.
+
+The line's state is the dispatcher's; the supervisor forwards the parts that the operator API,
+metrics, the status board and tests read (``stations``, ``statistics()``, ``pause()``...).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
+from linectl.clock import Clock
 from linectl.config import Line
 from linectl.contract import Command, SlotStatus, State, is_newer
 from linectl.dispatcher import Dispatcher
@@ -24,17 +31,28 @@ from linectl.drivers.base import (
     StationViolation,
 )
 from linectl.errors import CommandRefused, PlcConnectionLost, PlcTimeout
-from linectl.flow import resume_point
 from linectl.journal import Journal
-from linectl.linestate import Phase, Slot, Token, Unit
-from linectl.recovery import ReplayError, replay
+from linectl.linestate import Phase, Slot, Token
+from linectl.recovery import restore
 
 log = logging.getLogger("linectl.supervisor")
 
 DriverFactory = Callable[..., PlcDriver]
 
 
-class Supervisor(Dispatcher):
+def _forward(name: str, *, writable: bool = False) -> property:
+    """A supervisor attribute that is its dispatcher's."""
+
+    def get(self: Supervisor) -> Any:
+        return getattr(self.dispatcher, name)
+
+    def put(self: Supervisor, value: Any) -> None:
+        setattr(self.dispatcher, name, value)
+
+    return property(get, put if writable else None, doc=f"The dispatcher's ``{name}``.")
+
+
+class Supervisor:
     """Runs one line. ``await run()`` until ``stop()`` (or until ``release.count`` units are done
     when ``exit_when_done``)."""
 
@@ -47,8 +65,11 @@ class Supervisor(Dispatcher):
         exit_when_done: bool = False,
         drain_timeout_s: float = 10.0,
         lease_check: Callable[[], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        super().__init__(line, journal=journal, exit_when_done=exit_when_done)
+        self.dispatcher = Dispatcher(
+            line, self, clock=clock, journal=journal, exit_when_done=exit_when_done
+        )
         self.drain_timeout_s = drain_timeout_s
         # Called before every command; raises once this process may no longer own the line.
         self._lease_check = lease_check or (lambda: None)
@@ -57,98 +78,115 @@ class Supervisor(Dispatcher):
         self._tg: asyncio.TaskGroup | None = None
         self._commands: set[asyncio.Task[None]] = set()
 
+    # The line's state and the operator's controls, read and used through the supervisor.
+    line = _forward("line", writable=True)  # a reload swaps the config
+    max_wip = _forward("max_wip", writable=True)
+    on_event = _forward("on_event", writable=True)
+    flow = _forward("flow")
+    clock = _forward("clock")
+    journal = _forward("journal")
+    events = _forward("events")
+    stations = _forward("stations")
+    units = _forward("units")
+    quarantined = _forward("quarantined")
+    paused = _forward("paused")
+    released = _forward("released")
+    recovered = _forward("recovered")
+    finished = _forward("finished")
+    rejected = _forward("rejected")
+    next_unit_id = _forward("next_unit_id")
+    finish_times = _forward("finish_times")
+    lead_times = _forward("lead_times")
+    passes = _forward("passes")
+    statistics = _forward("statistics")
+    check_invariants = _forward("check_invariants")
+    now = _forward("now")
+    wall = _forward("wall")
+    kick = _forward("kick")
+    pause = _forward("pause")
+    set_in_service = _forward("set_in_service")
+    release_quarantined = _forward("release_quarantined")
+    wait_durable = _forward("wait_durable")
+
     # --- life cycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.clock.start()
-        for st in self.stations.values():
+        d = self.dispatcher
+        d.clock.start()
+        for st in d.stations.values():
             st.since = 0.0
-        for name, plc in self.line.plcs.items():
-            on_plc = {n: s for n, s in self.line.stations.items() if s.plc == name}
+        for name, plc in d.line.plcs.items():
+            on_plc = {n: s for n, s in d.line.stations.items() if s.plc == name}
             self._drivers[name] = self._driver_factory(name, plc, on_plc, self._on_driver_event)
-        self.next_unit_id = max(self.next_unit_id, await self.journal.next_unit_id())
+        d.next_unit_id = max(d.next_unit_id, await d.journal.next_unit_id())
         resumes = await self._recover()
-        self._check_done()  # a restart may find every unit of release.count already done
+        d.check_done()  # a restart may find every unit of release.count already done
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             background = [
-                tg.create_task(d.run(), name=f"driver-{n}") for n, d in self._drivers.items()
+                tg.create_task(drv.run(), name=f"driver-{n}") for n, drv in self._drivers.items()
             ]
             for tok, slot in resumes:
                 self._spawn(self._resume(tok, slot))
-            journal = tg.create_task(self.journal.run(), name="journal")
-            background.append(tg.create_task(self._dispatch_loop(), name="dispatch"))
-            await self._stopping.wait()
+            journal = tg.create_task(d.journal.run(), name="journal")
+            background.append(tg.create_task(d.run(), name="dispatch"))
+            await d.wait_stopping()
             await self._drain()
             for task in [*self._commands, *background]:
                 task.cancel()
             # Commit what is journalled while the journal's task still runs: it is the one
             # that hands writes to the store, so flushing after cancelling it would wait forever.
-            await self.journal.flush()
+            await d.journal.flush()
             journal.cancel()
         self._tg = None
 
     def stop(self) -> None:
         """Stop releasing; let in-flight steps finish (``drain_timeout_s``), then return."""
-        self._stopping.set()
-        self._kick.set()
+        self.dispatcher.stop()
 
     async def _drain(self) -> None:
-        self.paused = True
+        d = self.dispatcher
+        d.paused = True
         try:
             async with asyncio.timeout(self.drain_timeout_s):
-                while any(t.phase in (Phase.COMMANDED, Phase.RUNNING) for t in self._tokens()):
-                    self._idle.clear()
-                    await self._idle.wait()
+                while d.in_process():
+                    await d.wait_change()
         except TimeoutError:
-            busy = [
-                f"{t.unit.serial}@{t.station}"
-                for t in self._tokens()
-                if t.phase in (Phase.COMMANDED, Phase.RUNNING)
-            ]
+            busy = [f"{t.unit.serial}@{t.station}" for t in d.in_process()]
             log.warning("drain deadline passed; left in process (recoverable): %s", busy)
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            self._dispatch()
 
     # --- events from drivers ----------------------------------------------------------
 
     def _on_driver_event(self, event: DriverEvent) -> None:
-        at = self.clock.of_loop(event.at)  # drivers stamp events with the loop's clock
+        d = self.dispatcher
+        at = d.clock.of_loop(event.at)  # drivers stamp events with the loop's clock
         if isinstance(event, SlotUpdate):
-            st = self.stations[event.station]
+            st = d.stations[event.station]
             # A driver reports a violation once and then withholds the slot until its values
             # are back in the contract, so any update means the station is trustworthy again.
             st.violation = ""
-            self._on_slot(st.slots[event.slot], event.status, at)
+            d.slot_changed(st.slots[event.slot], event.status, at)
             st.last_state = st.slots[0].status.state if st.slots[0].status else State.UNDEFINED
         elif isinstance(event, ConnectionChange):
-            for st in self.stations.values():
+            for st in d.stations.values():
                 if st.plc == event.plc:
                     st.connected = event.connected
                     st.account(at)
                     kind = "connection_restored" if event.connected else "connection_lost"
-                    self.journal.station_event(
-                        st.name, kind, self.wall(at), None, event.reason
-                    )
+                    d.journal.station_event(st.name, kind, d.wall(at), None, event.reason)
         elif isinstance(event, StationViolation):
-            st = self.stations[event.station]
+            st = d.stations[event.station]
             st.violation = str(event.error)
             st.account(at)
-            self.journal.station_event(
-                st.name, "violation", self.wall(at), None, str(event.error)
-            )
-        self._changed()
+            d.journal.station_event(st.name, "violation", d.wall(at), None, str(event.error))
+        d.changed()
 
-    # --- command tasks ----------------------------------------------------------------
+    # --- the dispatcher's command port ------------------------------------------------
 
-    def _send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+    def send_start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
         self._spawn(self._start(tok, slot, previous))
 
-    def _send_reset(self, slot: Slot, seq: int) -> None:
+    def send_reset(self, slot: Slot, seq: int) -> None:
         self._spawn(self._reset(slot, seq))
 
     def _spawn(self, coro) -> None:
@@ -158,43 +196,46 @@ class Supervisor(Dispatcher):
         task.add_done_callback(self._commands.discard)
 
     async def _start(self, tok: Token, slot: Slot, previous: Slot | None) -> None:
+        d = self.dispatcher
         st = slot.station
         unit = tok.unit
         driver = self._drivers[st.plc]
         # Write-ahead: the step is durable before the PLC can start it, so a restart knows.
-        await self.journal.step_commanded(
-            unit.id, st.name, slot.index, tok.attempt, tok.seq, self.wall(), self._entered(tok)
+        await d.journal.step_commanded(
+            unit.id, st.name, slot.index, tok.attempt, tok.seq, d.wall(), self._entered(tok)
         )
         try:
             await self._command(driver, slot, tok.seq, Command.START, unit.id)
         except CommandRefused as exc:
             log.warning("%s", exc)
-            self._start_refused(tok, slot, previous)
+            d.start_refused(tok, slot, previous)
         else:
-            self._start_confirmed(tok, slot, previous)
+            d.start_confirmed(tok, slot, previous)
 
     def _entered(self, tok: Token) -> str | None:
         """``route-path=branch`` when this step is the first of a route branch, else None."""
-        node = self.flow.stations[tok.station]
-        found = self.flow.route_of(tok.station)
+        flow = self.dispatcher.flow
+        node = flow.stations[tok.station]
+        found = flow.route_of(tok.station)
         if found is None or node.index != 0 or node.parent is not found[0].branches[found[1]]:
             return None
         return f"{found[0].path}={found[1]}"
 
     async def _reset(self, slot: Slot, seq: int) -> None:
+        d = self.dispatcher
         st = slot.station
         try:
             # Once reset, the PLC forgets the unit and its result: journal them durably first,
             # unless the unit moved on (the next step's durable intent implies this one passed).
             if slot.reset_waits_for_journal:
-                await self.journal.sync()
+                await d.journal.sync()
             slot.reset_waits_for_journal = True
             await self._command(self._drivers[st.plc], slot, seq, Command.RESET, 0)
-            self.journal.station_event(st.name, "reset", self.wall(), None, f"slot {slot.index}")
+            d.journal.station_event(st.name, "reset", d.wall(), None, f"slot {slot.index}")
         except CommandRefused as exc:
             log.warning("%s", exc)
         finally:
-            self._reset_done(slot)
+            d.reset_done(slot)
 
     async def _command(
         self, driver: PlcDriver, slot: Slot, seq: int, code: Command, unit: int
@@ -222,7 +263,7 @@ class Supervisor(Dispatcher):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self._on_slot(slot, status, self.now())
+            self.dispatcher.slot_changed(slot, status, self.dispatcher.now())
             return status
 
     # --- recovery after a restart -----------------------------------------------------
@@ -230,115 +271,15 @@ class Supervisor(Dispatcher):
     async def _recover(self) -> list[tuple[Token, Slot]]:
         """Put the journal's open units back in the line; return the steps whose START must be
         settled with the PLC once it is connected."""
-        store = self.journal.store
+        store = self.dispatcher.journal.store
         if store is None:
             return []
-        resumes: list[tuple[Token, Slot]] = []
-        now = self.now()
-        wall_now = self.wall(now)
-        await self._restore_operator_state(store)
-        for rec in await store.open_units():
-            released = self.clock.of_wall(rec.released_at)
-            unit = Unit(rec.unit_id, rec.serial, released)
-            self.recovered += 1
-            try:
-                placed = replay(self.flow, list(rec.steps), rec.releases)
-            except ReplayError as exc:
-                placed = None
-                error = exc
-            if rec.status == "quarantined":
-                unit.status, unit.reason = "quarantined", rec.reason or ""
-                if placed is not None:
-                    # So that a release after the restart goes back where it failed.
-                    unit.attempts = placed.attempts
-                    unit.attempts_at_release = placed.attempts_at_release
-                    failed = self.flow.stations.get(placed.failed_at)
-                    unit.resume = resume_point(failed) if failed is not None else None
-                self.quarantined[unit.id] = unit
-                continue
-            self.units[unit.id] = unit
-            if placed is None:
-                self._quarantine(unit, f"cannot resume after restart: {error}", now)
-                continue
-            for step in placed.superseded:
-                self.journal.step_finished(unit.id, step.station, step.attempt, wall_now, "pass")
-            unit.attempts, unit.joins, unit.branches = (
-                placed.attempts,
-                placed.joins,
-                placed.branches,
-            )
-            unit.attempts_at_release = placed.attempts_at_release
-            misplaced = [
-                p
-                for p in placed.tokens
-                if p.station
-                and p.slot is not None
-                and p.slot >= self.stations[p.station].config.capacity
-            ]
-            if misplaced:
-                p = misplaced[0]
-                self._quarantine(
-                    unit,
-                    f"cannot resume after restart: it is in slot {p.slot} of '{p.station}', "
-                    f"which now has capacity {self.stations[p.station].config.capacity}",
-                    now,
-                )
-                continue
-            if placed.finished:
-                self._finish_unit(unit, now)
-                continue
-            for p in placed.tokens:
-                tok = Token(unit, p.target, forks=p.forks, seq=p.seq, attempt=p.attempt)
-                unit.tokens.append(tok)
-                if p.station and p.slot is not None:
-                    slot = self.stations[p.station].slots[p.slot]
-                    slot.occupant, tok.slot, tok.station = tok, slot, p.station
-                    slot.next_seq = max(slot.next_seq, p.seq + 1)
-                    if p.open:
-                        tok.phase = Phase.COMMANDED
-                        slot.busy = True
-                        resumes.append((tok, slot))
-                    else:
-                        tok.phase = Phase.DONE
-                if p.target is not None:
-                    self._waiting.add(tok)
-            if placed.rejected_at:
-                failed = next((t for t in unit.tokens if t.station == placed.rejected_at), None)
-                self._quarantine(unit, f"rejected at {placed.rejected_at}", now, failed=failed)
-        if self.recovered:
-            log.info(
-                "resumed %d units in the line, %d in quarantine",
-                len(self.units),
-                len(self.quarantined),
-            )
-        return resumes
-
-    async def _restore_operator_state(self, store) -> None:
-        """Put back what the operator's journalled actions left in force: a paused line,
-        stations out of service (a drained station must stay drained across a restart)."""
-        state = await store.operator_state()
-        self.paused = state.paused
-        for name in sorted(state.out_of_service):
-            if name in self.stations:
-                self.stations[name].in_service = False
-            else:
-                log.warning(
-                    "station '%s' was taken out of service but is no longer in the "
-                    "config; ignoring that action",
-                    name,
-                )
-        if state.paused or state.out_of_service:
-            log.info(
-                "operator actions in force: %s",
-                ", ".join(
-                    (["release paused"] if state.paused else [])
-                    + [f"'{n}' out of service" for n in sorted(state.out_of_service)]
-                ),
-            )
+        return restore(self.dispatcher, await store.open_units(), await store.operator_state())
 
     async def _resume(self, tok: Token, slot: Slot) -> None:
         """Settle a step that was commanded before the restart: await it if the PLC took it,
         send the same command again if the PLC never saw it."""
+        d = self.dispatcher
         driver = self._drivers[slot.station.plc]
         await driver.wait_connected()  # the PLC's resync has been applied by now
         if tok.phase == Phase.COMMANDED and tok.slot is slot and tok.unit.status == "in_line":
@@ -346,16 +287,16 @@ class Supervisor(Dispatcher):
             if status is not None and is_newer(status.ack_seq, tok.seq):
                 slot.busy = False
                 slot.occupant, tok.slot = None, None
-                self._quarantine(
+                d.quarantine(
                     tok.unit,
                     f"outcome of step at {slot.station.name} unknown after restart (PLC at "
                     f"seq {status.ack_seq}, step was {tok.seq})",
-                    self.now(),
+                    d.now(),
                 )
             else:
                 await self._command(driver, slot, tok.seq, Command.START, tok.unit.id)
         slot.busy = False
-        self._changed()
+        d.changed()
 
     def driver_statistics(self) -> list:
-        return [d.statistics() for d in self._drivers.values()]
+        return [drv.statistics() for drv in self._drivers.values()]

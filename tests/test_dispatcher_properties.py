@@ -42,27 +42,25 @@ retry: {{attempts: 2, backoff_s: 0}}
 )
 
 
-class Harness(Dispatcher):
-    """The dispatcher with its commands queued instead of sent, and PLCs as plain state."""
+class Harness:
+    """The dispatcher's command port, queueing commands instead of sending them, with PLCs as
+    plain state."""
 
     def __init__(self) -> None:
-        super().__init__(LINE)
+        self.d = Dispatcher(LINE, self)
         self.commands: list[tuple] = []
         self.completed: Counter[tuple[str, int]] = Counter()
 
-    def _send_start(self, tok, slot, previous) -> None:
+    def send_start(self, tok, slot, previous) -> None:
         self.commands.append(("start", tok, slot, previous, tok.seq))
 
-    def _send_reset(self, slot, seq) -> None:
+    def send_reset(self, slot, seq) -> None:
         self.commands.append(("reset", slot, seq))
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     def show(self, slot: Slot, **changes) -> None:
         old = slot.status or SlotStatus()
-        self._on_slot(slot, SlotStatus(**{**_fields(old), **changes}), self.now())
-        self.check_invariants()
+        self.d.slot_changed(slot, SlotStatus(**{**_fields(old), **changes}), self.d.now())
+        self.d.check_invariants()
 
     def deliver(self, index: int) -> None:
         command = self.commands.pop(index)
@@ -77,10 +75,10 @@ class Harness(Dispatcher):
                     result=Result.NONE,
                     cmd_status=CmdStatus.ACCEPTED,
                 )
-                self._start_confirmed(tok, slot, previous)
+                self.d.start_confirmed(tok, slot, previous)
             else:
                 self.show(slot, ack_seq=seq, cmd_status=CmdStatus.REFUSED_STATE)
-                self._start_refused(tok, slot, previous)
+                self.d.start_refused(tok, slot, previous)
         else:
             _, slot, seq = command
             assert is_newer(seq, slot.status.ack_seq)
@@ -96,8 +94,8 @@ class Harness(Dispatcher):
                 )
             else:
                 self.show(slot, ack_seq=seq, cmd_status=CmdStatus.REFUSED_STATE)
-            self._reset_done(slot)
-        self.check_invariants()
+            self.d.reset_done(slot)
+        self.d.check_invariants()
 
     def finish(self, slot: Slot, outcome: str) -> None:
         unit = slot.status.unit
@@ -111,7 +109,7 @@ class Harness(Dispatcher):
     def executing(self) -> list[Slot]:
         return [
             slot
-            for station in self.stations.values()
+            for station in self.d.stations.values()
             for slot in station.slots
             if slot.status.state == State.EXECUTE
         ]
@@ -123,13 +121,14 @@ def _fields(s: SlotStatus) -> dict:
 
 async def drive(data: st.DataObject) -> Harness:
     h = Harness()
-    h._t0, h._wall0 = h.now(), 1.8e9
-    for station in h.stations.values():
+    d = h.d
+    d.clock.start()
+    for station in d.stations.values():
         station.connected = True
         for slot in station.slots:
-            h._on_slot(slot, SlotStatus(), h.now())
+            d.slot_changed(slot, SlotStatus(), d.now())
     for _ in range(400):
-        h._dispatch()
+        d.dispatch()
         actions = ["dispatch"]
         if h.commands:
             actions.append("deliver")
@@ -141,16 +140,16 @@ async def drive(data: st.DataObject) -> Harness:
         elif action == "finish":
             slot = data.draw(st.sampled_from(h.executing()))
             h.finish(slot, data.draw(st.sampled_from(["pass", "pass", "pass", "reject", "fault"])))
-        if not h.units and h.released == UNITS:
+        if not d.units and d.released == UNITS:
             break
     # Then let the line run out in order: every command delivered, every cycle a pass.
     for _ in range(2000):
-        h._dispatch()
+        d.dispatch()
         if h.commands:
             h.deliver(0)
         elif h.executing():
             h.finish(h.executing()[0], "pass")
-        elif not h.units and h.released == UNITS:
+        elif not d.units and d.released == UNITS:
             break
     return h
 
@@ -159,13 +158,14 @@ async def drive(data: st.DataObject) -> Harness:
 @given(st.data())
 def test_every_unit_ends_finished_or_quarantined_and_no_cycle_completes_twice(data):
     h = asyncio.run(drive(data))
-    assert h.released == UNITS
-    assert h.finished + len(h.quarantined) == UNITS, (h.finished, len(h.quarantined), h.units)
+    d = h.d
+    assert d.released == UNITS
+    assert d.finished + len(d.quarantined) == UNITS, (d.finished, len(d.quarantined), d.units)
     assert all(n == 1 for n in h.completed.values()), h.completed
-    for unit in h.quarantined.values():
+    for unit in d.quarantined.values():
         assert unit.reason.startswith(("rejected at", "faulted 2 times at"))
     # Whatever happened, every slot ends Idle and free: nothing is left half-done.
-    for station in h.stations.values():
+    for station in d.stations.values():
         for slot in station.slots:
             assert slot.occupant is None and not slot.busy and not slot.needs_reset
             assert slot.status.state == State.IDLE, (slot.name, slot.status)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from linectl.events import EventHub, LineChanged, StationChanged, UnitChanged
+from tests.helpers import eventually
 from tests.linefixtures import running_line
 from tests.test_supervisor import make_line
 
@@ -46,10 +47,16 @@ async def test_get_waits_for_the_next_event_and_close_unsubscribes():
 
 async def test_a_running_line_reports_stations_units_and_counts():
     line = make_line({"a": "cycle_s: 1", "b": "cycle_s: 1"}, "[a, b]", extra="release: {count: 3}")
+    events: list = []
+
+    def line_done() -> bool:
+        events.extend(sub.drain())
+        return any(isinstance(e, LineChanged) and e.finished == 3 for e in events)
+
     async with running_line(line) as run:
         sub = run.sup.events.subscribe("test", maxsize=10_000)
-        await run.wait_finished(3)
-        events = sub.drain()
+        # The pass after the last unit's finish publishes the line's counts.
+        await eventually(line_done, what="the line's counts with 3 finished")
     finished = [e.serial for e in events if isinstance(e, UnitChanged) and e.kind == "finished"]
     assert finished == ["t-000001", "t-000002", "t-000003"]
     working_at_b = [

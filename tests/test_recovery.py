@@ -122,12 +122,15 @@ async def crash_and_resume(tmp_path: Path, db: str) -> None:
                 assert ran == (1 if name in stations else 0), (unit.serial, name, ran)
 
 
+# 20 controller processes started and killed: a minute on a quiet machine, more under load.
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice_sqlite(tmp_path):
     await crash_and_resume(tmp_path, f"sqlite:///{tmp_path / 'crash.sqlite3'}")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice_postgres(
     tmp_path,
     pg_url,  # noqa: F811

@@ -52,7 +52,10 @@ class Clock:
         return (at.timestamp() - self._wall0) / self.scale
 
     def wall(self, t: float | None = None) -> datetime:
-        """The wall-clock time of line time ``t`` (now by default), for the trace."""
+        """The wall-clock time of line time ``t`` (now by default), for the trace. Before
+        start there is no line time yet: it is the wall clock's now."""
+        if not self.started:
+            return datetime.now(UTC)
         t = self.now() if t is None else t
         return datetime.fromtimestamp(self._wall0 + t * self.scale, UTC)
 

@@ -540,38 +540,45 @@ class Dispatcher:
         wall = self.wall(now)
         at = now
         for st in self._touched:
-            status = st.slots[0].status
-            state = status.state if status is not None else State.UNDEFINED
-            self.events.publish(
-                StationChanged(
-                    station=st.name,
-                    condition=st.condition.value,
-                    state=int(state),
-                    state_name=state.label,
-                    units=tuple(s.occupant.unit.serial for s in st.slots if s.occupant),
-                    load=st.load(),
-                    capacity=st.config.capacity,
-                    in_service=st.in_service,
-                    connected=st.connected,
-                    cycles=st.cycles,
-                    passed=st.passed,
-                    rejected=st.rejected,
-                    faults=st.faults,
-                    at=at,
-                    wall=wall,
-                )
-            )
+            self.events.publish(self._station_event(st, at, wall))
         self._touched.clear()
-        counts = (
-            self.released + self.recovered,
-            self.finished,
-            len(self.quarantined),
-            len(self.units),
-            self.paused,
-        )
+        counts = self._counts()
         if counts != self._line_seen:
             self._line_seen = counts
             self.events.publish(LineChanged(*counts, at=at, wall=wall))
+
+    def current(self) -> tuple[LineChanged, dict[str, StationChanged]]:
+        """The line and every station as events would show them now: what a watcher that
+        subscribes late starts from (a birth certificate, the first page of a view)."""
+        now = self.now()
+        wall = self.wall(now)
+        stations = {n: self._station_event(st, now, wall) for n, st in self.stations.items()}
+        return LineChanged(*self._counts(), at=now, wall=wall), stations
+
+    def _counts(self) -> tuple[int, int, int, int, bool]:
+        released = self.released + self.recovered
+        return released, self.finished, len(self.quarantined), len(self.units), self.paused
+
+    def _station_event(self, st: StationState, at: float, wall: datetime) -> StationChanged:
+        status = st.slots[0].status
+        state = status.state if status is not None else State.UNDEFINED
+        return StationChanged(
+            station=st.name,
+            condition=st.condition.value,
+            state=int(state),
+            state_name=state.label,
+            units=tuple(s.occupant.unit.serial for s in st.slots if s.occupant),
+            load=st.load(),
+            capacity=st.config.capacity,
+            in_service=st.in_service,
+            connected=st.connected,
+            cycles=st.cycles,
+            passed=st.passed,
+            rejected=st.rejected,
+            faults=st.faults,
+            at=at,
+            wall=wall,
+        )
 
     def _release_left(self) -> bool:
         count = self.line.release.count

@@ -99,6 +99,7 @@ class Supervisor:
     lead_times = _forward("lead_times")
     passes = _forward("passes")
     statistics = _forward("statistics")
+    current = _forward("current")
     check_invariants = _forward("check_invariants")
     now = _forward("now")
     wall = _forward("wall")

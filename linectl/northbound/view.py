@@ -8,7 +8,6 @@ from its own subscription and renders what changed in its own protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from linectl.events import LineChanged, LineEvent, StationChanged, UnitChanged
@@ -23,38 +22,7 @@ class LineView:
     @classmethod
     def of(cls, sup: Any) -> LineView:
         """The line as the supervisor holds it now: the birth certificate's values."""
-        stats = sup.statistics()
-        at = stats.elapsed_s
-        wall = datetime.now(UTC)  # the supervisor may not have started its clock yet
-        line = LineChanged(
-            released=stats.released,
-            finished=stats.finished,
-            quarantined=stats.quarantined,
-            wip=stats.wip,
-            paused=stats.paused,
-            at=at,
-            wall=wall,
-        )
-        stations = {}
-        for name, st in stats.stations.items():
-            slots = sup.stations[name].slots
-            stations[name] = StationChanged(
-                station=name,
-                condition=str(st.condition),
-                state=int(st.state),
-                state_name=st.state.label,
-                units=tuple(s.occupant.unit.serial for s in slots if s.occupant is not None),
-                load=st.load,
-                capacity=st.capacity,
-                in_service=st.in_service,
-                connected=st.connected,
-                cycles=st.cycles,
-                passed=st.passed,
-                rejected=st.rejected,
-                faults=st.faults,
-                at=at,
-                wall=wall,
-            )
+        line, stations = sup.current()
         quarantined = {uid: unit.serial for uid, unit in sup.quarantined.items()}
         return cls(line, stations, quarantined)
 

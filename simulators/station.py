@@ -14,7 +14,7 @@ import random
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from linectl.config import SimSpec, Station
@@ -193,8 +193,13 @@ class SimStation:
 
     def _set(self, slot: int, **changes: object) -> SlotStatus:
         s = self._slots[slot]
-        new = replace(s.status, **changes)
-        if new != s.status:
+        old = s.status
+        # Positionally rather than dataclasses.replace: this runs for every change of a
+        # virtual shift, and replace() introspects the fields each time.
+        new = SlotStatus(
+            *(changes.get(name, getattr(old, name)) for name in SlotStatus.__slots__)  # type: ignore[arg-type]
+        )
+        if new != old:
             s.status = new
             self.plc.changed(self, slot)
         return new

@@ -340,6 +340,9 @@ async def _acquire_pg(
                 continue
             if isinstance(found[0], int):
                 epoch, expired_for = found
+                # Renewals may queue behind a write transaction's FOR SHARE on the lease row;
+                # their own deadline is the lease's, not the attempt's one second.
+                await loop.run_in_executor(thread, conn.exec_driver_sql, "SET lock_timeout = 0")
                 lease = PgLease(line, where, epoch, ttl_s, conn, lease_engine, thread)
                 lease._valid_until = sent + ttl_s * _TRUST
                 if waited is not None:

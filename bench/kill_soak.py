@@ -74,15 +74,26 @@ async def soak(kills: int, lease_s: float, seed: int, units: int) -> int:
                 procs.append(owner)
                 await owner.said("running line")
                 done = 0
-                for i in range(1, kills + 1):
+                unplanned: list[str] = []
+                i = 0
+                while done < kills:
+                    i += 1
                     standby = await Controller.start(config, "--standby", *lease, name=f"s{i}")
                     procs.append(standby)
-                    await standby.said("standing by for its lease", within=60)
+                    ready = await standby.said("standing by for its lease|running line", within=60)
+                    if "running line" in ready[0] or owner.proc.returncode is not None:
+                        # The owner ended by itself (not our kill): it lost its lease, say,
+                        # to another program ending its database sessions. Carry on.
+                        unplanned.append(f"{owner.name}: {owner.lines[-1] if owner.lines else ''}")
+                        await owner.close()
+                        owner = standby
+                        if "running line" not in ready[0]:
+                            await standby.said(FIRST_COMMAND, within=60)
+                        continue
                     await wait_cycles(sim, rng.randint(1, 4), owner)
                     if owner.proc.returncode is not None:
-                        print(f"the owner ended by itself after {done} kills; see below")
-                        break
-                    freeze = i % 3 == 0
+                        continue  # as above, at the next standby
+                    freeze = (done + 1) % 3 == 0
                     killed_at = time.monotonic()
                     owner.signal(signal.SIGSTOP if freeze else signal.SIGKILL)
                     took = await standby.said(FIRST_COMMAND, within=60)
@@ -93,9 +104,9 @@ async def soak(kills: int, lease_s: float, seed: int, units: int) -> int:
                         owner.signal(signal.SIGKILL)
                     await owner.close()
                     owner = standby
-                    done = i
+                    done += 1
                     print(
-                        f"kill {i:3d} ({'SIGSTOP' if freeze else 'kill -9'}): first command "
+                        f"kill {done:3d} ({'SIGSTOP' if freeze else 'kill -9'}): first command "
                         f"{takeovers[-1]:.2f} s after the lease expired, "
                         f"{killed_to_command[-1]:.2f} s after the kill",
                         flush=True,
@@ -142,6 +153,10 @@ async def soak(kills: int, lease_s: float, seed: int, units: int) -> int:
             f"p99 {percentile(killed_to_command, 99):.2f} s "
             f"(mean {statistics.mean(killed_to_command):.2f} s)"
         )
+    if unplanned:
+        print(f"owners that ended by themselves (the standby took over): {len(unplanned)}")
+        for why in unplanned[:5]:
+            print("  ", why[:200])
     for problem in found.problems[:10]:
         print("  ", problem)
     return 1 if lost or found.problems or found.units < units else 0

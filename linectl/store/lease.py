@@ -274,7 +274,7 @@ def _pg_try(conn: Connection, line: str, ttl_s: float) -> tuple[int, float] | tu
             )
         unknown = Holder(0, "unknown", 0, datetime.now(UTC), None)
         return holder or unknown, row is not None and expired
-    if holder is not None and not expired:
+    if holder is not None and not expired and not _dead_here(holder):
         # We have the lock, so the old owner's session is gone and it cannot renew; but until
         # its lease runs out it may still command. Keep the lock and wait.
         return holder, True
@@ -292,6 +292,20 @@ def _pg_try(conn: Connection, line: str, ttl_s: float) -> tuple[int, float] | tu
         me,
     ).scalar_one()
     return epoch, max(expired_for or 0.0, 0.0)
+
+
+def _dead_here(holder: Holder) -> bool:
+    """Whether the holder was a process of this host that no longer exists: a restart after a
+    crash (kill -9, OOM) need not wait out a lease nobody can use any more."""
+    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 async def _acquire_pg(

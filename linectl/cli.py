@@ -482,6 +482,10 @@ def _logging(
     # asyncua and pymodbus narrate every reconnect; our drivers log transitions once.
     for noisy in ("asyncua", "pymodbus"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    # SQLAlchemy's pool logs a traceback for a connection that died (the database restarted,
+    # a standby ended a replaced owner's sessions); the store says what that means in one line.
+    if not verbose:
+        logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
 
 
 @app.command("run")

@@ -52,7 +52,7 @@ def restore_logging():
     third-party loggers, a rich handler. Undo that so it cannot leak into later tests."""
     import logging
 
-    names = ["", "asyncua", "pymodbus", "linectl"]
+    names = ["", "asyncua", "pymodbus", "linectl", "sqlalchemy.pool"]
     levels = {name: logging.getLogger(name).level for name in names}
     handlers = list(logging.getLogger().handlers)
     yield

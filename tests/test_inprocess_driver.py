@@ -1,6 +1,6 @@
 """The in-process PLC driver: the station program behind the driver interface, on a virtual clock.
 
-These tests run on a virtual-time loop (tests/virtualtime.py): the clock jumps to the next timer,
+These tests run on the virtual-time loop (linectl/virtual.py): the clock jumps to the next timer,
 so a cycle of an hour completes at once and every time is exact.
 """
 

@@ -94,14 +94,23 @@ def _old_units(conn: Connection, line: str, horizon: datetime, after: int, limit
     return list(conn.execute(query).scalars())
 
 
-def _old_events(conn: Connection, line: str, horizon: datetime, limit: int) -> list:
+def _old_events(conn: Connection, line: str, station: str, horizon: datetime, limit: int) -> list:
+    # One station at a time: a range of the (line, station, at) index, oldest first, with no
+    # sort, however many events there are.
     query = (
         select(StationEvent)
-        .where(StationEvent.line == line, StationEvent.at < horizon)
-        .order_by(StationEvent.id)
+        .where(
+            StationEvent.line == line, StationEvent.station == station, StationEvent.at < horizon
+        )
+        .order_by(StationEvent.at)
         .limit(limit)
     )
     return list(conn.execute(query))
+
+
+def _event_stations(conn: Connection, line: str) -> list[str]:
+    query = select(StationEvent.station).where(StationEvent.line == line).distinct()
+    return sorted(conn.execute(query).scalars())
 
 
 class _Archive:
@@ -243,11 +252,14 @@ def _prune(
         size = _adapt(size, took, target_s, _MIN_UNITS, _MAX_UNITS)
         held(took)
     size = 500
-    while True:
+    with engine.connect() as conn:
+        stations = _event_stations(conn, line)
+    while stations:
         with engine.connect() as conn:
-            found = _old_events(conn, line, horizon, size)
+            found = _old_events(conn, line, stations[0], horizon, size)
         if not found:
-            break
+            stations.pop(0)
+            continue
         if out is not None:
             out.events(line, found)
             out.sync()

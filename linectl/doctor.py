@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -200,17 +202,30 @@ def check_disk(url: str) -> list[Finding]:
     return findings
 
 
-def _linectl_answers(host: str, port: int, path: str) -> bool:
+def _linectl_answers(host: str, port: int, path: str, line: str) -> bool:
+    """Whether linectl serves ``line`` there: its metrics name it, its API's status is it."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as reply:
-            return b"linectl" in reply.read(65536)
+            body = reply.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        # The operator API asks for its token when LINECTL_API_TOKEN is set.
+        return exc.code == 401 and b"operator token" in exc.read(4096)
     except (OSError, ValueError):
+        return False
+    if path == "/metrics":
+        return f'line="{line}"'.encode() in body
+    try:
+        return json.loads(body).get("line") == line
+    except (ValueError, AttributeError):
         return False
 
 
 async def check_ports(line: Line) -> list[Finding]:
     findings = []
-    for what, endpoint, path in (("metrics", line.metrics, "/metrics"), ("api", line.api, "/")):
+    for what, endpoint, path in (
+        ("metrics", line.metrics, "/metrics"),
+        ("api", line.api, "/status"),
+    ):
         subject = f"port {endpoint.host}:{endpoint.port} ({what})"
         if endpoint.port == 0:
             findings.append(Finding("ok", subject, "a free port is picked at start"))
@@ -223,7 +238,7 @@ async def check_ports(line: Line) -> list[Finding]:
             else:
                 findings.append(Finding("ok", subject, "free"))
                 continue
-        if await asyncio.to_thread(_linectl_answers, endpoint.host, endpoint.port, path):
+        if await asyncio.to_thread(_linectl_answers, endpoint.host, endpoint.port, path, line.line):
             findings.append(Finding("ok", subject, "held by a running linectl"))
         else:
             findings.append(Finding("fail", subject, f"taken by another program ({busy.strerror})"))

@@ -96,6 +96,7 @@ def test_certificates_near_expiry_warn_and_expired_ones_fail(tmp_path):
 
 
 async def test_a_port_held_by_another_program_fails_and_one_held_by_linectl_is_ok(tmp_path):
+    from linectl.api import serve_api
     from linectl.dispatcher import Dispatcher
     from linectl.metrics import serve_metrics
 
@@ -110,12 +111,18 @@ async def test_a_port_held_by_another_program_fails_and_one_held_by_linectl_is_o
     sup = Dispatcher(parse_config(LINE))
     sup.driver_statistics = list
     server = await serve_metrics(sup, sup.line, port=0)
+    api = await serve_api(sup, sup.line)
     try:
-        line = parse_config(LINE.replace("metrics: {port: 0}", f"metrics: {{port: {server.port}}}"))
-        (metrics, _) = await check_ports(line)
+        line = parse_config(
+            LINE.replace("metrics: {port: 0}", f"metrics: {{port: {server.port}}}").replace(
+                "api: {port: 0}", f"api: {{port: {api.port}}}"
+            )
+        )
+        found = await check_ports(line)
     finally:
         await server.stop()
-    assert (metrics.level, metrics.message) == ("ok", "held by a running linectl")
+        await api.stop()
+    assert [(f.level, f.message) for f in found] == [("ok", "held by a running linectl")] * 2
 
 
 def test_a_clock_behind_the_store_fails():

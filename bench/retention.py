@@ -130,10 +130,13 @@ async def intents(
 
 
 def summary(latencies: list[float]) -> str:
-    q = statistics.quantiles(latencies, n=100)
+    ordered = sorted(latencies)
+    p99, p999 = (ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.99, 0.999))
+    over = sum(1 for t in latencies if t > 0.1)
     return (
         f"{len(latencies)} intents, median {statistics.median(latencies) * 1000:.1f} ms, "
-        f"p99 {q[98] * 1000:.1f} ms, longest {max(latencies) * 1000:.1f} ms"
+        f"p99 {p99 * 1000:.1f} ms, p99.9 {p999 * 1000:.1f} ms, "
+        f"longest {ordered[-1] * 1000:.1f} ms, {over} over 100 ms"
     )
 
 

@@ -50,7 +50,7 @@ class PruneResult:
     steps: int
     events: int
     batches: int
-    longest_batch_s: float  # the longest a DELETE transaction held the database
+    longest_batch_s: float  # the longest DELETE transaction, waiting for the lock included
     seconds: float
 
     @property

@@ -120,6 +120,7 @@ api: {{port: {api}}}
     down = next(e for e in lines if "unreachable" in e["msg"])
     assert down["level"] == "warning"
     assert down["logger"].startswith("linectl.drivers")
+    assert down["plc"] == "cell"  # the driver core names the PLC in its log lines
 
 
 def test_a_plc_that_stays_down_is_reminded_of_at_a_slowing_interval(caplog):

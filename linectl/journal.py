@@ -97,8 +97,9 @@ class Journal:
         """Wait until everything journalled so far is committed."""
         if self.store is None:
             return
-        if self._queue or self._waiters:
-            await self.sync()
+        # Not "anything queued": the writer task pops a write before handing it to the store,
+        # so a write can be in neither queue and still not be the store's yet.
+        await self.sync()
         await self.store.flush()
 
     # --- the writes -----------------------------------------------------------------------

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import socket
-import sys
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import eventually
+from tests.helpers import eventually, interrupt, read_line_with, reap, start_linectl
 
 
 def free_ports(n: int) -> list[int]:
@@ -47,36 +44,17 @@ def finished(url: str) -> float:
 
 async def test_demo_runs_units_serves_metrics_and_stops_cleanly_on_ctrl_c(tmp_path):
     config = demo_config(tmp_path)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "linectl.cli",
-        "demo",
-        str(config),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "120"},
-    )
+    proc = await start_linectl("demo", str(config), cwd=tmp_path)
     try:
-        async with asyncio.timeout(20):
-            line = ""
-            while "metrics http" not in line:
-                line = (await proc.stdout.readline()).decode()
-                assert line, (await proc.stderr.read()).decode()[-2000:]
+        line = await read_line_with(proc.stdout, "metrics http")
         url = re.search(r"metrics (http://\S+/metrics)", line).group(1)
         view = re.search(r"line view (http://\S+/)", line).group(1)
         page = await asyncio.to_thread(lambda: urllib.request.urlopen(view, timeout=2).read())
         assert b"/static/lineview.js" in page  # the live line view is served
         await eventually(lambda: finished(url) >= 3, within=20, what="3 units through the demo")
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()[-2000:]
-        assert "units/h" in out.decode()  # the live board was drawn
-        assert "constraint" in out.decode()  # with the measured constraint
+        out, _ = await interrupt(proc)
+        assert "units/h" in out  # the live board was drawn
+        assert "constraint" in out  # with the measured constraint
         assert (tmp_path / "demo.sqlite3").exists()  # the embedded trace database
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)

@@ -7,15 +7,13 @@ import asyncio
 import itertools
 import json
 import logging
-import os
-import signal
 import sys
-from pathlib import Path
 
 import pytest
 
 from linectl.logformat import JsonFormatter
 from linectl.logpolicy import Reminder
+from tests.helpers import interrupt, read_json_logs, reap, start_linectl
 from tests.test_demo import free_ports
 
 
@@ -86,35 +84,15 @@ metrics: {{port: {metrics}}}
 api: {{port: {api}}}
 """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "linectl.cli",
-        "run",
-        str(config),
-        "--log-format",
-        "json",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-    )
+    proc = await start_linectl("run", str(config), "--log-format", "json")
     lines: list[dict] = []
     try:
-        async with asyncio.timeout(20):
-            while not any("unreachable" in e["msg"] for e in lines):
-                raw = await proc.stderr.readline()
-                assert raw, "linectl run ended early"
-                if raw.startswith(b"{"):
-                    lines.append(json.loads(raw))
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            rest = (await proc.communicate())[1]
-        assert proc.returncode == 0, rest.decode()[-2000:]
+        await read_json_logs(proc.stderr, lines, "unreachable")
+        _, rest = await interrupt(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     for raw in rest.splitlines():
-        if raw.startswith(b"{"):
+        if raw.startswith("{"):
             lines.append(json.loads(raw))
     assert all(e["line"] == "js" and {"ts", "level", "logger", "msg"} <= set(e) for e in lines)
     down = next(e for e in lines if "unreachable" in e["msg"])

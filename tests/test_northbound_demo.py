@@ -6,27 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shlex
-import signal
-import sys
 from pathlib import Path
 
 import pytest
 from asyncua import Client
 
 from linectl.northbound.sparkplug import decode
-from tests.helpers import eventually
+from tests.helpers import eventually, interrupt, read_line_with, reap, start_linectl
 from tests.mosquitto import Recorder, unique
 from tests.test_demo import free_ports
 from tests.test_northbound_docs import shell_commands
-
-
-async def reap(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 def demo_config(tmp_path: Path) -> tuple[Path, str, str]:
@@ -63,23 +54,9 @@ async def test_demo_northbound_publishes_over_mqtt_and_serves_opc_ua(tmp_path):
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(reap, watcher)
         await stack.enter_async_context(rec.listening([f"{prefix}/#", f"spBv1.0/{group}/#"]))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "linectl.cli",
-            "demo",
-            str(config),
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "120"},
-        )
+        proc = await start_linectl("demo", str(config), cwd=tmp_path)
         try:
-            async with asyncio.timeout(30):
-                line = ""
-                while "opc ua server" not in line:
-                    line = (await proc.stdout.readline()).decode()
-                    assert line, (await proc.stderr.read()).decode()[-2000:]
+            line = await read_line_with(proc.stdout, "opc ua server", within=30)
             url = re.search(r"opc ua server (opc\.tcp://\S+?)[;\s]", line).group(1)
             base = f"{prefix}/demo_nb"
 
@@ -102,14 +79,9 @@ async def test_demo_northbound_publishes_over_mqtt_and_serves_opc_ua(tmp_path):
                     return 0
 
             await eventually(read_finished, within=30, interval=0.5, what="Finished over OPC UA")
-            proc.send_signal(signal.SIGINT)
-            async with asyncio.timeout(30):
-                _, err = await proc.communicate()
-            assert proc.returncode == 0, err.decode()[-2000:]
+            await interrupt(proc, within=30)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await reap(proc)
         await eventually(lambda: rec.on(f"spBv1.0/{group}/NDEATH/"), what="NDEATH on stop")
         watcher.terminate()
         watched = (await watcher.communicate())[0].decode(errors="replace")

@@ -3,19 +3,14 @@ everything else is refused with one log line."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
 from linectl.config import parse_config
 from linectl.errors import ConfigError
 from linectl.reload import apply, diff
-from tests.helpers import eventually
+from tests.helpers import eventually, interrupt, read_json_logs, reap, start_linectl
 from tests.linefixtures import running_line
 from tests.test_demo import free_ports
 
@@ -119,28 +114,11 @@ async def test_sighup_reloads_a_running_linectl_run(tmp_path):
     )
     config = tmp_path / "rl.yaml"
     config.write_text(line_text(port=plc, extra=extra))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "linectl.cli",
-        "run",
-        str(config),
-        "--log-format",
-        "json",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-    )
+    proc = await start_linectl("run", str(config), "--log-format", "json")
     seen: list[dict] = []
 
     async def until(text: str) -> dict:
-        async with asyncio.timeout(20):
-            while True:
-                raw = await proc.stderr.readline()
-                assert raw, "linectl run ended early: " + str(seen[-5:])
-                if raw.startswith(b"{"):
-                    seen.append(json.loads(raw))
-                    if text in seen[-1]["msg"]:
-                        return seen[-1]
+        return await read_json_logs(proc.stderr, seen, text)
 
     try:
         await until("unreachable")  # running, its PLC retried
@@ -154,14 +132,9 @@ async def test_sighup_reloads_a_running_linectl_run(tmp_path):
         proc.send_signal(signal.SIGHUP)
         broken = await until("reload refused, the config has errors")
         assert "YAML" in broken["msg"]
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            await proc.wait()
-        assert proc.returncode == 0
+        await interrupt(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
 
 
 async def test_the_drain_list_takes_stations_out_of_service_at_start():

@@ -526,8 +526,11 @@ def figure_rows(stations: Sequence[str]) -> list[Figure | str]:
     return rows
 
 
-def comparison_rows(results: Sequence[Comparison]) -> list[tuple[str, list[str]]]:
-    """One row per figure; per config two cells, predicted then measured."""
+def figure_table(
+    results: Sequence[Any], measured_cell: Callable[[Figure, Any], str]
+) -> list[tuple[str, list[str]]]:
+    """One row per figure of ``figure_rows``; per result (each with ``line`` and
+    ``predicted``) two cells: the predicted figure, then ``measured_cell(figure, result)``."""
     names = list(dict.fromkeys(n for r in results for n in r.line.stations))
     rows: list[tuple[str, list[str]]] = []
     for fig in figure_rows(names):
@@ -537,11 +540,21 @@ def comparison_rows(results: Sequence[Comparison]) -> list[tuple[str, list[str]]
         cells = []
         for r in results:
             cells.append(cell(fig.fmt, fig.predicted(r.predicted)) if fig.predicted else "")
-            measured = cell(fig.fmt, fig.measured(r.measured))
-            if fig.relative and not math.isnan(r.interval_error):
-                measured += f" ({round(r.interval_error, 3) + 0.0:+.1%})"
-            cells.append(measured)
+            cells.append(measured_cell(fig, r))
         rows.append((fig.label, cells))
+    return rows
+
+
+def comparison_rows(results: Sequence[Comparison]) -> list[tuple[str, list[str]]]:
+    """One row per figure; per config two cells, predicted then measured."""
+
+    def measured_cell(fig: Figure, r: Comparison) -> str:
+        measured = cell(fig.fmt, fig.measured(r.measured))
+        if fig.relative and not math.isnan(r.interval_error):
+            measured += f" ({round(r.interval_error, 3) + 0.0:+.1%})"
+        return measured
+
+    rows = figure_table(results, measured_cell)
     rows.append(
         (
             "done → next START p50 / p99",

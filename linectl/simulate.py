@@ -32,7 +32,7 @@ from linectl.compare import (
     Measured,
     Recorder,
     cell,
-    figure_rows,
+    figure_table,
     figures,
     skip_count,
     with_units,
@@ -325,21 +325,15 @@ def _with_ci(fig: Figure, runs: Sequence[Measured]) -> str:
 
 def simulation_rows(results: Sequence[Simulation]) -> list[tuple[str, list[str]]]:
     """One row per figure; per config two cells, predicted then simulated (mean ± 95 % CI)."""
-    names = list(dict.fromkeys(n for r in results for n in r.line.stations))
-    rows: list[tuple[str, list[str]]] = []
-    for fig in figure_rows(names):
-        if isinstance(fig, str):
-            rows.append((fig, ["" for _ in results for _ in (0, 1)]))
-            continue
-        cells = []
-        for r in results:
-            cells.append(cell(fig.fmt, fig.predicted(r.predicted)) if fig.predicted else "")
-            simulated = _with_ci(fig, r.runs)
-            if fig.relative and fig.predicted is not None:
-                mean, _ = mean_ci([fig.measured(m) for m in r.runs])
-                simulated += f" ({mean / fig.predicted(r.predicted) - 1:+.1%})"
-            cells.append(simulated)
-        rows.append((fig.label, cells))
+
+    def simulated_cell(fig: Figure, r: Simulation) -> str:
+        simulated = _with_ci(fig, r.runs)
+        if fig.relative and fig.predicted is not None:
+            mean, _ = mean_ci([fig.measured(m) for m in r.runs])
+            simulated += f" ({mean / fig.predicted(r.predicted) - 1:+.1%})"
+        return simulated
+
+    rows = figure_table(results, simulated_cell)
     rows.append(
         ("wall time", [c for r in results for c in ("", f"{sum(m.wall_s for m in r.runs):.2f} s")])
     )

@@ -12,6 +12,21 @@ from linectl.config import Line, parse_config
 from linectl.supervisor import Supervisor
 from simulators.runner import SimLine
 
+# A three-station sequence with no sim: sections, so every cycle is exactly its cycle_s; b is
+# the bottleneck (2 s: 200 ms of wall time at time scale 0.1, long against a handover). Virtual
+# runs set the time scale to 1.
+SMALL = """\
+line: small
+time_scale: 0.1
+plcs:
+  p0: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.005}
+stations:
+  a: {plc: p0, address: 0, cycle_s: 1}
+  b: {plc: p0, address: 40, cycle_s: 2}
+  c: {plc: p0, address: 80, cycle_s: 0.5}
+flow: [a, b, c]
+"""
+
 
 @dataclass
 class Running:

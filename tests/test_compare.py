@@ -21,19 +21,7 @@ from linectl.compare import (
     with_units,
 )
 from linectl.config import load_config, parse_config
-
-# b is the bottleneck: 2 s at time scale 0.1 is a 200 ms cycle, long against a handover.
-SMALL = """\
-line: small
-time_scale: 0.1
-plcs:
-  p0: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.005}
-stations:
-  a: {plc: p0, address: 0, cycle_s: 1}
-  b: {plc: p0, address: 40, cycle_s: 2}
-  c: {plc: p0, address: 80, cycle_s: 0.5}
-flow: [a, b, c]
-"""
+from tests.linefixtures import SMALL
 
 TINY = SMALL.replace("time_scale: 0.1", "time_scale: 0.01")
 

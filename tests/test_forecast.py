@@ -13,17 +13,7 @@ from linectl import virtual
 from linectl.config import load_config, parse_config
 from linectl.forecast import ForecastError, forecast, snapshot
 from linectl.simulate import Plan, virtual_line
-
-SMALL = """\
-line: small
-plcs:
-  p0: {protocol: modbus, host: 127.0.0.1, port: 0}
-stations:
-  a: {plc: p0, address: 0, cycle_s: 1}
-  b: {plc: p0, address: 40, cycle_s: 2}
-  c: {plc: p0, address: 80, cycle_s: 0.5}
-flow: [a, b, c]
-"""
+from tests.linefixtures import SMALL
 
 
 def deterministic(line):

@@ -23,21 +23,9 @@ from linectl.simulate import (
     unsimulated,
     virtual_line,
 )
+from tests.linefixtures import SMALL
 
 SCENARIO_B = ["config/scenario-b-sequential.yaml", "config/scenario-b-hybrid.yaml"]
-
-# b is the bottleneck; no sim: sections, so every cycle is exactly its cycle_s.
-SMALL = """\
-line: small
-time_scale: 0.1
-plcs:
-  p0: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.005}
-stations:
-  a: {plc: p0, address: 0, cycle_s: 1}
-  b: {plc: p0, address: 40, cycle_s: 2}
-  c: {plc: p0, address: 80, cycle_s: 0.5}
-flow: [a, b, c]
-"""
 
 
 def simulate_one(line, plan: Plan, **kwargs):

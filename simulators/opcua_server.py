@@ -44,7 +44,7 @@ from linectl.contract import (
     slot_name,
     status_to_array,
 )
-from linectl.drivers.opcua_server_security import secure_server
+from linectl.drivers.opcua_server_security import secure_server, stop_server
 from simulators.station import SimPlc, SimStation
 
 log = logging.getLogger(__name__)
@@ -165,28 +165,7 @@ class OpcUaSimServer:
             self._housekeeper = None
         self._pending.clear()
         self._dropped_sessions.clear()
-        bserver = server.bserver
-        connections = list(bserver.clients) if bserver is not None else []
-        await server.stop()
-        if bserver is not None:
-            # Closed transports report connection_lost only on a later loop turn, and asyncua
-            # queues each connection's cleanup then: wait for those, or they outlive stop().
-            for conn in connections:
-                if conn.transport is not None:
-                    conn.transport.abort()
-            tasks = [
-                t for conn in connections for t in (conn._task, conn._activation_watchdog_task)
-            ]
-            for task in tasks:
-                if task is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            await bserver._close_tasks()
-        # asyncua keeps a session with subscriptions alive after its connection is gone (for a
-        # client to reactivate) and only its own timer closes it; close them all now, or their
-        # timer tasks leak and asyncua's process-wide session count never comes down.
-        for session in list(server.iserver._external_sessions.values()):
-            await session.close_session(True)
+        await stop_server(server)
 
     def drop_connections(self) -> None:
         """Cut every client connection now and forget their sessions (fault injection).

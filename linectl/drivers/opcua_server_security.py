@@ -5,11 +5,14 @@ and a user manager that makes anyone who calls himself "admin" an administrator,
 password. ``secure_server`` turns each of these off: only the configured policies, user name
 login over a channel secured by a trusted client certificate (and, only when asked for,
 anonymous read-only login), no remote admin; tests/test_opcua_security.py and
-tests/test_northbound_opcua.py prove it.
+tests/test_northbound_opcua.py prove it. ``stop_server`` stops one without leaving its
+connections' and sessions' tasks behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -235,3 +238,29 @@ class _NonceCheckingDecrypt:
         if not hmac.compare_digest(tail, nonce):
             raise ServiceError(ua.StatusCodes.BadIdentityTokenInvalid)
         return token.UserName, secret.decode("utf-8")
+
+
+async def stop_server(server: Server) -> None:
+    """Stop an asyncua server and everything it started, before returning.
+
+    ``Server.stop`` leaves work behind: closed transports report connection_lost only on a
+    later loop turn, and asyncua queues each connection's cleanup then; and a session with
+    subscriptions stays alive after its connection is gone (for a client to reactivate) until
+    its own timer closes it, so its timer tasks leak and asyncua's process-wide session count
+    never comes down. End all of it now.
+    """
+    bserver = server.bserver
+    connections = list(bserver.clients) if bserver is not None else []
+    await server.stop()
+    if bserver is not None:
+        for conn in connections:
+            if conn.transport is not None:
+                conn.transport.abort()
+        for conn in connections:
+            for task in (conn._task, conn._activation_watchdog_task):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        await bserver._close_tasks()
+    for session in list(server.iserver._external_sessions.values()):
+        await session.close_session(True)

@@ -25,7 +25,7 @@ from asyncua.common.node import Node
 
 from linectl.analysis import analyze
 from linectl.config import Line, NorthboundOpcUa
-from linectl.drivers.opcua_server_security import anonymous_read_only, secure_server
+from linectl.drivers.opcua_server_security import anonymous_read_only, secure_server, stop_server
 from linectl.events import LineEvent, StationChanged, Subscription
 from linectl.metrics import constraint_of, line_oee
 from linectl.northbound.view import LineView, line_values, station_values
@@ -175,22 +175,7 @@ class NorthboundServer:
             self._subscription.close()
         if server is None:
             return
-        bserver = server.bserver
-        connections = list(bserver.clients) if bserver is not None else []
-        await server.stop()
-        if bserver is not None:
-            # As the simulator does: end each connection's tasks now, not on a later loop turn.
-            for conn in connections:
-                if conn.transport is not None:
-                    conn.transport.abort()
-            for conn in connections:
-                for task in (conn._task, conn._activation_watchdog_task):
-                    if task is not None:
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-            await bserver._close_tasks()
-        for session in list(server.iserver._external_sessions.values()):
-            await session.close_session(True)
+        await stop_server(server)
 
     # --- address space ------------------------------------------------------------------
 

@@ -56,6 +56,13 @@ async def idle(sup: Supervisor, station: str) -> None:
     )
 
 
+async def rejected_at_b(sup: Supervisor, sim: SimLine) -> None:
+    """Wait for LINE's unit to be quarantined at b and b to be Idle again; then b passes all."""
+    await eventually(lambda: sup.quarantined, what="a unit quarantined at b")
+    await idle(sup, "b")
+    no_faults(sim, "b")
+
+
 LINE = make_line(
     {"a": "cycle_s: 1", "b": "cycle_s: 1, sim: {reject_p: 1.0}", "c": "cycle_s: 1"},
     "[a, b, c]",
@@ -69,9 +76,7 @@ async def test_a_released_unit_runs_again_where_it_failed_with_its_next_attempt(
     url = f"sqlite:///{tmp_path / 't.sqlite3'}"
     async with SimLine(parse_config(LINE), free_ports=True, heartbeat_period_s=0.05) as sim:
         async with supervisor(sim.line, url) as sup:
-            await eventually(lambda: sup.quarantined, what="a unit quarantined at b")
-            await idle(sup, "b")
-            no_faults(sim, "b")
+            await rejected_at_b(sup, sim)
             sup.release_quarantined(1)
             await sup.wait_durable()
             await eventually(lambda: sup.finished == 1, what="the released unit to finish")
@@ -96,9 +101,7 @@ async def test_release_drain_and_pause_survive_a_restart(tmp_path):
     url = f"sqlite:///{tmp_path / 't.sqlite3'}"
     async with SimLine(parse_config(LINE), free_ports=True, heartbeat_period_s=0.05) as sim:
         async with supervisor(sim.line, url) as sup:
-            await eventually(lambda: sup.quarantined, what="a unit quarantined at b")
-            await idle(sup, "b")
-            no_faults(sim, "b")
+            await rejected_at_b(sup, sim)
             sup.set_in_service("b", False)
             sup.release_quarantined(1)
             sup.pause(True)
@@ -128,9 +131,7 @@ async def test_a_unit_released_after_a_restart_goes_back_where_it_failed(tmp_pat
     url = f"sqlite:///{tmp_path / 't.sqlite3'}"
     async with SimLine(parse_config(LINE), free_ports=True, heartbeat_period_s=0.05) as sim:
         async with supervisor(sim.line, url) as sup:
-            await eventually(lambda: sup.quarantined, what="a unit quarantined at b")
-            await idle(sup, "b")
-        no_faults(sim, "b")
+            await rejected_at_b(sup, sim)
         async with supervisor(sim.line, url) as sup:
             await eventually(lambda: sup.stations["b"].connected, what="b connected")
             assert list(sup.quarantined) == [1]

@@ -157,6 +157,16 @@ def _relative_to_config(path: Path, info: ValidationInfo) -> Path:
     return Path(source).parent / path
 
 
+def _no_inline_password(data: Any) -> Any:
+    """A secret's model refuses a password written into the config itself."""
+    if isinstance(data, dict) and "password" in data:
+        raise ValueError(
+            "a password must not be written in the config; put it in an environment "
+            "variable named by password_env, or in a file named by password_file"
+        )
+    return data
+
+
 class OpcUaSecurity(_Model):
     """Security of one OPC UA connection: our application instance certificate, the
     certificates we trust, and the user we log in as. The password never is in the file."""
@@ -186,12 +196,7 @@ class OpcUaSecurity(_Model):
     @model_validator(mode="before")
     @classmethod
     def _no_password(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "password" in data:
-            raise ValueError(
-                "a password must not be written in the config; put it in an environment "
-                "variable named by password_env, or in a file named by password_file"
-            )
-        return data
+        return _no_inline_password(data)
 
     @field_validator("certificate", "private_key", "password_file")
     @classmethod
@@ -397,12 +402,7 @@ class NorthboundSecret(_Model):
     @model_validator(mode="before")
     @classmethod
     def _no_password(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "password" in data:
-            raise ValueError(
-                "a password must not be written in the config; put it in an environment "
-                "variable named by password_env, or in a file named by password_file"
-            )
-        return data
+        return _no_inline_password(data)
 
     @field_validator("password_file")
     @classmethod

@@ -7,8 +7,9 @@ Needs Mosquitto on 127.0.0.1:1883. Rows:
 
 - **PLC → MQTT / OPC UA p99**: the handover line of bench/supervisor.py (Modbus, polled every
   10 ms) runs in this process with northbound on (unified namespace, Sparkplug B, OPC UA
-  server). A second process runs the simulated PLCs, an MQTT subscriber and an OPC UA client
-  subscribed to every station's StateName and UnitSerial (publishing interval 50 ms). From a
+  server). A second process runs the simulated PLCs; a third, the plant: an MQTT subscriber
+  and an OPC UA client subscribed to every station's StateName and UnitSerial (publishing
+  interval 50 ms), apart from the PLCs so their work never slows a simulated PLC. From a
   simulated station showing Execute with a unit (stamped in the PLC) to the subscriber seeing
   that station Execute with that unit's serial, on the system-wide monotonic clock. The PLC
   leg includes the poll (up to 10 ms), like every PLC → anything latency.
@@ -59,24 +60,18 @@ def with_northbound(line: Line, prefix: str, group: str) -> Line:
     return Line.model_validate(data)
 
 
-# --- the other process: simulated PLCs and the plant's subscribers ---------------------------
+# --- the other processes: simulated PLCs, and the plant's subscribers -------------------------
 
 
-def plant_process(conn: Connection, line: Line) -> None:
+def plc_process(conn: Connection, line: Line) -> None:
     quiet()
-    asyncio.run(_plant_main(conn, line))
+    asyncio.run(_plc_main(conn, line))
 
 
-async def _plant_main(conn: Connection, line: Line) -> None:
-    import aiomqtt
-    from asyncua import Client
-
+async def _plc_main(conn: Connection, line: Line) -> None:
     from simulators.runner import SimLine
 
     plc_at: dict[tuple[str, int], float] = {}  # (station, unit id) -> Execute at the PLC
-    mqtt_at: dict[tuple[str, str], float] = {}  # (station, serial) -> seen by MQTT
-    opcua_at: dict[tuple[str, str], float] = {}
-    serials: dict[str, int] = {}
     async with SimLine(line, free_ports=True) as sim:
 
         def stamp(station: Any, slot: int) -> None:
@@ -87,57 +82,71 @@ async def _plant_main(conn: Connection, line: Line) -> None:
         for plc in sim.plcs.values():
             plc.on_change(stamp)
         conn.send({name: server.endpoint_config() for name, server in sim.servers.items()})
-        where = conn.recv()  # {"url", "prefix"} once the controller's northbound is up
-        if not where["url"]:  # a run without northbound: nothing to subscribe to
-            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
-            return
-        base = f"{where['prefix']}/{line.line}"
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+    conn.send(plc_at)
 
-        class Handler:
-            def __init__(self) -> None:
-                self.state: dict[str, str] = {}
-                self.unit: dict[str, str] = {}
 
-            def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+def subscriber_process(conn: Connection, line: Line, where: dict[str, str]) -> None:
+    """The plant's MQTT subscriber and OPC UA client, in a process of their own so that their
+    work never slows the simulated PLCs (the handover figures compare runs with and without)."""
+    quiet()
+    asyncio.run(_subscriber_main(conn, line, where))
+
+
+async def _subscriber_main(conn: Connection, line: Line, where: dict[str, str]) -> None:
+    import aiomqtt
+    from asyncua import Client
+
+    mqtt_at: dict[tuple[str, str], float] = {}  # (station, serial) -> seen by MQTT
+    opcua_at: dict[tuple[str, str], float] = {}
+    serials: dict[str, int] = {}
+    base = f"{where['prefix']}/{line.line}"
+
+    class Handler:
+        def __init__(self) -> None:
+            self.state: dict[str, str] = {}
+            self.unit: dict[str, str] = {}
+
+        def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+            now = time.monotonic()
+            _, _, station, what = node.nodeid.Identifier.split(".")
+            (self.state if what == "StateName" else self.unit)[station] = val
+            if self.state.get(station) == "Execute" and self.unit.get(station):
+                for serial in self.unit[station].split(","):
+                    opcua_at.setdefault((station, serial), now)
+
+    async with (
+        aiomqtt.Client(*BROKER) as mqtt,
+        Client(where["url"], timeout=10) as ua_client,
+    ):
+        await mqtt.subscribe(f"{base}/#", qos=1)
+        ns = await ua_client.get_namespace_index("urn:linectl:northbound")
+        nodes = [
+            ua_client.get_node(f"ns={ns};s=Line.Stations.{name}.{what}")
+            for name in line.stations
+            for what in ("StateName", "UnitSerial")
+        ]
+        sub = await ua_client.create_subscription(50, Handler())
+        await sub.subscribe_data_change(nodes)
+
+        async def read_mqtt() -> None:
+            async for m in mqtt.messages:
                 now = time.monotonic()
-                _, _, station, what = node.nodeid.Identifier.split(".")
-                (self.state if what == "StateName" else self.unit)[station] = val
-                if self.state.get(station) == "Execute" and self.unit.get(station):
-                    for serial in self.unit[station].split(","):
-                        opcua_at.setdefault((station, serial), now)
+                topic = str(m.topic)
+                data = json.loads(m.payload) if m.payload else {}
+                if topic == f"{base}/units/released":
+                    serials[data["serial"]] = data["unit_id"]
+                elif topic.endswith("/state") and data.get("state_name") == "Execute":
+                    station = topic.split("/")[-2]
+                    for serial in data["units"]:
+                        mqtt_at.setdefault((station, serial), now)
 
-        async with (
-            aiomqtt.Client(*BROKER) as mqtt,
-            Client(where["url"], timeout=10) as ua_client,
-        ):
-            await mqtt.subscribe(f"{base}/#", qos=1)
-            ns = await ua_client.get_namespace_index("urn:linectl:northbound")
-            nodes = [
-                ua_client.get_node(f"ns={ns};s=Line.Stations.{name}.{what}")
-                for name in line.stations
-                for what in ("StateName", "UnitSerial")
-            ]
-            sub = await ua_client.create_subscription(50, Handler())
-            await sub.subscribe_data_change(nodes)
-
-            async def read_mqtt() -> None:
-                async for m in mqtt.messages:
-                    now = time.monotonic()
-                    topic = str(m.topic)
-                    data = json.loads(m.payload) if m.payload else {}
-                    if topic == f"{base}/units/released":
-                        serials[data["serial"]] = data["unit_id"]
-                    elif topic.endswith("/state") and data.get("state_name") == "Execute":
-                        station = topic.split("/")[-2]
-                        for serial in data["units"]:
-                            mqtt_at.setdefault((station, serial), now)
-
-            reader = asyncio.create_task(read_mqtt())
-            conn.send("ready")
-            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
-            reader.cancel()
-            await sub.delete()
-    conn.send((plc_at, mqtt_at, opcua_at, serials))
+        reader = asyncio.create_task(read_mqtt())
+        conn.send("ready")
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+        reader.cancel()
+        await sub.delete()
+    conn.send((mqtt_at, opcua_at, serials))
 
 
 def latencies(
@@ -160,8 +169,9 @@ def latencies(
 async def _controller(line: Line, northbound: bool) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    child = ctx.Process(target=plant_process, args=(there, line), daemon=True)
+    child = ctx.Process(target=plc_process, args=(there, line), daemon=True)
     child.start()
+    children, watcher = [child], None
     prefix, group = f"bench/{uuid.uuid4().hex[:8]}/area", f"bench{uuid.uuid4().hex[:6]}"
     try:
         plcs = await _recv(here, 60, "endpoints")
@@ -174,14 +184,17 @@ async def _controller(line: Line, northbound: bool) -> dict[str, Any]:
         await nb.start()
         try:
             task = asyncio.create_task(sup.run(), name="supervisor")
-            url = ""
             if northbound:
                 async with asyncio.timeout(60):
                     await nb.opcua.started.wait()
-                url = nb.opcua.url
-            here.send({"url": url, "prefix": prefix})
-            if northbound:
-                await _recv(here, 60, "subscribers ready")
+                watcher, theirs = ctx.Pipe()
+                where = {"url": nb.opcua.url, "prefix": prefix}
+                sub = ctx.Process(
+                    target=subscriber_process, args=(theirs, run_line, where), daemon=True
+                )
+                sub.start()
+                children.append(sub)
+                await _recv(watcher, 60, "subscribers ready")
             sup.pause(False)
             async with asyncio.timeout(300):
                 await task
@@ -194,16 +207,21 @@ async def _controller(line: Line, northbound: bool) -> dict[str, Any]:
         finally:
             await nb.stop()
         here.send("stop")
-        result = await _recv(here, 60, "stamps") if northbound else None
+        plc_at = await _recv(here, 60, "stamps")
+        seen = None
+        if watcher is not None:
+            watcher.send("stop")
+            seen = await _recv(watcher, 60, "subscriber stamps")
     finally:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        for c in children:
+            c.join(timeout=10)
+            if c.is_alive():
+                c.kill()
+                c.join()
     stats = sup.statistics()
     out: dict[str, Any] = {"handovers": list(stats.handovers)}
-    if result is not None:
-        plc_at, mqtt_at, opcua_at, serials = result
+    if seen is not None:
+        mqtt_at, opcua_at, serials = seen
         out["mqtt"] = latencies(plc_at, mqtt_at, serials)
         out["opcua"] = latencies(plc_at, opcua_at, serials)
         out["dropped"] = [s.memory_dropped + s.events_dropped for s in nb.statistics().links]

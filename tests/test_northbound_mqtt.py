@@ -156,12 +156,16 @@ async def test_broker_restart_loses_nothing_and_births_again(tmp_path):
         line, prefix, group = line_config(tmp_path, port=broker.port, count=30, backoff=0.3)
         rec = Recorder()
         topics, me = [f"{prefix}/#", f"spBv1.0/{group}/#"], unique("rec")
-        async with running_line(line) as run, northbound(run.sup, run.sup.line) as nb:
+        async with running_line(line) as run, contextlib.AsyncExitStack() as first:
+            # Listening before the first connect: the first births are not retained.
+            await first.enter_async_context(
+                rec.listening(topics, broker.port, identifier=me, clean=False)
+            )
+            nb = await first.enter_async_context(northbound(run.sup, run.sup.line))
             uns = next(link for link in nb.links if link.publisher.name == "uns")
-            async with rec.listening(topics, broker.port, identifier=me, clean=False):
-                await eventually(lambda: run.sup.released >= 3, what="units released")
-                await eventually(lambda: uns.connected, what="connected")
-                await broker.stop()
+            await eventually(lambda: run.sup.released >= 3, what="units released")
+            await eventually(lambda: uns.connected, what="connected")
+            await broker.stop()
             await eventually(lambda: not uns.connected, what="the link noticing")
             await eventually(lambda: uns.statistics().spool_messages >= 10, what="messages spooled")
             await broker.start()

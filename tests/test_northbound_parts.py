@@ -194,3 +194,23 @@ def test_a_full_outbox_never_drops_a_message_that_is_in_flight(tmp_path):
     assert [m.payload for m, _ in box.head(10)] == [b"3"]
     assert box.dropped == 1
     box.spool.close()
+
+
+def test_a_sliding_window_reads_on_from_where_it_left_and_spool_comes_first(tmp_path):
+    box = Outbox(spool(tmp_path), maxsize=10)
+    box.put(Message("t", b"s0"))  # offline: spooled
+    box.go_online()
+    for i in range(3):
+        box.put(Message("t", b"%d" % i))  # behind the spool: spooled too, in order
+    box.pop()  # s0 confirmed; the spool empties only as it is forwarded
+    assert [m.payload for m, _ in box.head(2)] == [b"0", b"1"]
+    assert [(m.payload, spooled) for m, spooled in box.head(4, start=2)] == [(b"2", True)]
+    for _ in range(3):
+        box.pop()
+    box.put(Message("t", b"m0"))  # the spool is empty: memory
+    box.put(Message("t", b"m1"))
+    assert [m.payload for m, _ in box.head(1)] == [b"m0"]
+    assert [(m.payload, spooled) for m, spooled in box.head(5, start=1)] == [(b"m1", False)]
+    box.put(Message("t", b"m2"))
+    assert [m.payload for m, _ in box.head(5, start=2)] == [b"m2"]
+    box.spool.close()

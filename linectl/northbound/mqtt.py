@@ -5,7 +5,8 @@ the namespace, NDEATH for Sparkplug).
 Each publisher is fed by its own bounded subscription to the supervisor's events and writes
 into an ``Outbox`` (memory while the broker is up, the disk spool while it is away); one
 ``MqttLink`` per connection owns connecting, its backoff, the births after every connect and
-sending the outbox in order. aiomqtt's client never reconnects by itself: the link does.
+sending the outbox in order, over linectl's own MQTT 3.1.1 connection (``mqttwire``), which
+never reconnects by itself.
 """
 
 from __future__ import annotations
@@ -14,26 +15,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from linectl.config import NorthboundMqtt
 from linectl.drivers.base import Backoff
 from linectl.events import LineChanged, LineEvent, StationChanged, Subscription, UnitChanged
 from linectl.northbound import sparkplug
+from linectl.northbound.mqttwire import MqttConnection, MqttError, MqttRefused
 from linectl.northbound.spool import Message, Outbox
 from linectl.northbound.view import LineView, line_values, station_values
 
 log = logging.getLogger("linectl.northbound")
-WINDOW = 20  # publishes in flight per connection (paho's max_inflight_messages default)
-# paho logs every lost socket at ERROR; MqttLink says it once per outage, naming the setting.
-_client_log = logging.getLogger("linectl.northbound.client")
-_client_log.setLevel(logging.CRITICAL)
+WINDOW = 100  # messages handed to the broker and not yet acknowledged, per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +62,7 @@ class Publisher:
         self.outbox = outbox
         self.subscription: Subscription | None = None
 
-    def will(self) -> aiomqtt.Will:
+    def will(self) -> Message:
         raise NotImplementedError
 
     def on_event(self, event: LineEvent) -> None:
@@ -115,8 +114,8 @@ class UnsPublisher(Publisher):
         self.qos = qos
         self._last: dict[str, dict[str, Any]] = {}  # topic -> last payload, without time
 
-    def will(self) -> aiomqtt.Will:
-        return aiomqtt.Will(f"{self.base}/status", _json({"online": False}), 1, True)
+    def will(self) -> Message:
+        return Message(f"{self.base}/status", _json({"online": False}), 1, True)
 
     def births(self) -> list[Message]:
         return [Message(f"{self.base}/status", _json({"online": True}), 1, True)]
@@ -216,11 +215,11 @@ class SparkplugPublisher(Publisher):
         except (OSError, ValueError):
             return 0
 
-    def will(self) -> aiomqtt.Will:
+    def will(self) -> Message:
         death = self.node.connecting()
         with contextlib.suppress(OSError):  # the spool's directory; a lost number costs nothing
             self.bd_seq_file.write_text(f"{self.node.bd_seq}\n")
-        return aiomqtt.Will(sparkplug.topic(self.node.group, "NDEATH", self.node.node), death, 1)
+        return Message(sparkplug.topic(self.node.group, "NDEATH", self.node.node), death, 1)
 
     def births(self) -> list[Message]:
         return [Message(topic, data) for topic, data in self.node.births(self._line, self._devices)]
@@ -259,8 +258,9 @@ class SparkplugPublisher(Publisher):
 
 class MqttLink:
     """One connection to the broker for one publisher: connect (with its will), births, then
-    the outbox in order; on any failure the outbox goes to the spool and we reconnect with
-    backoff. Failures are logged once per outage, naming the setting to look at."""
+    the outbox in order with up to ``WINDOW`` messages unacknowledged; on any failure the
+    outbox goes to the spool and we reconnect with backoff. Failures are logged once per
+    outage, naming the setting to look at."""
 
     def __init__(
         self,
@@ -280,8 +280,9 @@ class MqttLink:
         self.connects = 0
         self.connect_failures = 0
         self.published = 0
-        self._client: aiomqtt.Client | None = None
+        self._conn: MqttConnection | None = None
         self._rebirth = False
+        self._closing = False
         self._down_since: float | None = time.monotonic()
         self._reported = ""
 
@@ -310,91 +311,89 @@ class MqttLink:
 
     async def run(self) -> None:
         backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
-        while True:
-            login = self.cfg.login
-            client = aiomqtt.Client(
-                self.cfg.host,
-                self.cfg.port,
-                identifier=self.client_id,
-                username=login.user if login else None,
-                password=self.password,
-                will=self.publisher.will(),
-                clean_session=True,
-                keepalive=self.cfg.keepalive_s,
-                timeout=self.cfg.connect_timeout_s,
-                logger=_client_log,
-            )
+        cfg, login = self.cfg, self.cfg.login
+        while not self._closing:
             try:
-                async with contextlib.AsyncExitStack() as stack:
-                    async with asyncio.timeout(self.cfg.connect_timeout_s + 1):
-                        await stack.enter_async_context(client)
-                    backoff.reset()
-                    await self._session(client)
-            except* (aiomqtt.MqttError, TimeoutError, OSError) as group:
-                self._lost(group.exceptions[0])
+                conn = await MqttConnection.open(
+                    cfg.host,
+                    cfg.port,
+                    self.client_id,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    timeout_s=cfg.timeout_s,
+                    keepalive_s=cfg.keepalive_s,
+                    will=self.publisher.will(),
+                    username=login.user if login else None,
+                    password=self.password,
+                    on_activity=self.outbox.wake,
+                    on_message=self._on_message,
+                )
+                backoff.reset()
+                await self._session(conn)
+            except (MqttError, TimeoutError, OSError) as exc:
+                if self._closing:
+                    return  # close() said goodbye and disconnected
+                self._lost(exc)
             await asyncio.sleep(backoff.next_delay())
 
-    async def _session(self, client: aiomqtt.Client) -> None:
-        self._client = client
+    async def _session(self, conn: MqttConnection) -> None:
+        self._conn = conn
         self.connects += 1
-        for topic in self.publisher.subscriptions:
-            await client.subscribe(topic, qos=1, timeout=self.cfg.timeout_s)
-        for message in self.publisher.births():
-            await self._send(client, message, message.payload)
-        self.connected = True
-        if self._reported and self._down_since is not None:
-            after = time.monotonic() - self._down_since
-            log.info("%s: connected after %.1f s down", self.where, after)
-        self._down_since = None
-        self._reported = ""
-        self.outbox.go_online()
-        for message in self.publisher.snapshot():
-            self.outbox.put(message)
-        self.on_change()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._listen(client), name=f"mqtt-{self.publisher.name}-listen")
-                await self._pump(client)
+            for topic in self.publisher.subscriptions:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    await conn.subscribe(topic, qos=1)
+            for message in self.publisher.births():
+                conn.publish(message.topic, message.payload, message.qos, message.retain)
+            self.connected = True
+            if self._reported and self._down_since is not None:
+                after = time.monotonic() - self._down_since
+                log.info("%s: connected after %.1f s down", self.where, after)
+            self._down_since = None
+            self._reported = ""
+            self.outbox.go_online()
+            for message in self.publisher.snapshot():
+                self.outbox.put(message)
+            self.on_change()
+            await self._pump(conn)
         finally:
-            self._client = None
+            self._conn = None
             self.connected = False
             self.outbox.go_offline()
+            conn.abort()
 
-    async def _pump(self, client: aiomqtt.Client) -> None:
+    async def _pump(self, conn: MqttConnection) -> None:
+        """The outbox, in order, with up to WINDOW messages handed over and not yet confirmed
+        (a sliding window: each acknowledgement lets the next one go at once). A message
+        leaves the outbox only when the broker has it, so after a lost connection everything
+        unconfirmed is sent again (at least once, never lost)."""
+        window: deque[int] = deque()  # packet id per message sent from the head; 0: QoS 0
+        outbox, publisher = self.outbox, self.publisher
         while True:
+            if conn.lost is not None:
+                raise MqttError(str(conn.lost))
+            while window and conn.acked(window[0]):
+                window.popleft()
+                outbox.pop()
+                self.published += 1
             if self._rebirth:
                 self._rebirth = False
-                for message in self.publisher.births():
-                    await self._send(client, message, message.payload)
-            batch = self.outbox.head(WINDOW)
-            if not batch:
-                await self.outbox.wait()
-                continue
-            # Up to WINDOW publishes in flight at once, in order (each is handed to the socket
-            # before the next starts); one acknowledgement round trip per message would make
-            # a busy loop's latency the line's throughput limit. Popped once all are confirmed:
-            # a failure sends them again after the reconnect (at least once).
-            payloads = [self.publisher.prepare(m, delayed) for m, delayed in batch]
-            async with asyncio.TaskGroup() as tg:
-                for (message, _), payload in zip(batch, payloads, strict=True):
-                    tg.create_task(self._send(client, message, payload))
-            for _ in batch:
-                self.outbox.pop()
+                for message in publisher.births():
+                    conn.publish(message.topic, message.payload, message.qos, message.retain)
+            sent = len(window)
+            if sent < WINDOW and conn.writable:
+                batch = outbox.head(WINDOW, start=sent)
+                for message, delayed in batch:
+                    payload = publisher.prepare(message, delayed)
+                    window.append(conn.publish(message.topic, payload, message.qos, message.retain))
+                if batch:
+                    continue  # QoS 0 messages are done once written: pop them next round
+            await outbox.changed()
 
-    async def _send(self, client: aiomqtt.Client, message: Message, payload: bytes) -> None:
-        await client.publish(
-            message.topic, payload, message.qos, message.retain, timeout=self.cfg.timeout_s
-        )
-        self.published += 1
-
-    async def _listen(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if self.publisher.on_message(str(message.topic), payload):
-                log.info("%s: rebirth requested by %s", self.where, message.topic)
-                self._rebirth = True
-                self.outbox.wake()
-        raise aiomqtt.MqttError("disconnected")
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.publisher.on_message(topic, payload):
+            log.info("%s: rebirth requested by %s", self.where, topic)
+            self._rebirth = True
+            self.outbox.wake()
 
     def _lost(self, exc: BaseException) -> None:
         self.connected = False
@@ -408,24 +407,30 @@ class MqttLink:
             log.warning("%s: %s; spooling, retrying with backoff", self.where, reason)
 
     async def close(self) -> None:
-        """Say goodbye (offline / NDEATH) where the will would have, if still connected."""
-        client, goodbye = self._client, self.publisher.goodbye()
-        if client is None or goodbye is None:
+        """Say goodbye (offline / NDEATH) where the will would have, if still connected, then
+        DISCONNECT so the broker drops the will."""
+        self._closing = True
+        conn, goodbye = self._conn, self.publisher.goodbye()
+        if conn is None or conn.lost is not None:
             return
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(self.cfg.timeout_s):
-                await client.publish(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain)
+        if goodbye is not None:
+            conn.publish(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain)
+            await conn.settled(self.cfg.timeout_s)
+        conn.disconnect()
 
 
 def _reason(exc: BaseException, cfg: NorthboundMqtt) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc in (4, 5, 134, 135):
+    if isinstance(exc, MqttRefused) and exc.rc in (4, 5):
         user = f"user '{cfg.login.user}'" if cfg.login else "anonymous login"
         return f"the broker refused {user}: {text} (check northbound.mqtt.login)"
+    if isinstance(exc, MqttRefused):
+        return f"the broker refused the connection: {text} (check northbound.mqtt.client_id)"
     if isinstance(exc, TimeoutError):
         return "timed out (check northbound.mqtt.host and port)"
-    if "refused" in text.lower() or isinstance(exc, OSError):
-        return f"cannot connect: {text} (check northbound.mqtt.host and port)"
+    if isinstance(exc, OSError) and not isinstance(exc, MqttError):
+        why = os.strerror(exc.errno) if exc.errno else text
+        return f"cannot connect: {why} (check northbound.mqtt.host and port)"
     return f"connection lost: {text}"
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger("linectl.northbound")
 
 NAMESPACE = "urn:linectl:northbound"
 V = ua.VariantType
+VALUE = ua.AttributeIds.Value
 STATION_TYPES = {
     "State": V.Int32,
     "StateName": V.String,
@@ -74,6 +75,7 @@ class NorthboundServer:
         self.analysis = analyze(line)
         self._server: Server | None = None
         self._nodes: dict[str, ua.NodeId] = {}  # "Line/WIP", "Stations/a/State" -> node id
+        self._kinds: dict[str, V] = {}  # the same keys -> variant type
         self._values: dict[str, Any] = {}  # last value written per node
         self._subscription: Subscription | None = None
         self.started = asyncio.Event()  # set once start() has succeeded or given up
@@ -224,6 +226,7 @@ class NorthboundServer:
             datatype=ua.NodeId(getattr(ua.ObjectIds, kind.name)),
         )
         self._nodes[key] = node.nodeid
+        self._kinds[key] = kind
         self._values[key] = value
 
     async def _methods(self, line: Node, idx: int) -> None:
@@ -308,15 +311,19 @@ class NorthboundServer:
         server = self._server
         if server is None:
             return
+        # The address space's own write (what Server.write_attribute_value calls two awaits
+        # down): the value, then the subscriptions' data-change callbacks.
+        write = server.iserver.aspace.write_attribute_value
+        values, nodes, kinds = self._values, self._nodes, self._kinds
         for key, value in updates.items():
-            if self._values.get(key) == value or key not in self._nodes:
+            if values.get(key) == value or key not in nodes:
                 continue
-            self._values[key] = value
-            kind = V.String if key == "Units/Quarantined" else _kind(key)
-            variant = ua.Variant(value, kind, is_array=key == "Units/Quarantined")
-            await server.write_attribute_value(
-                self._nodes[key], ua.DataValue(variant, SourceTimestamp=wall)
-            )
+            values[key] = value
+            if key == "Units/Quarantined":
+                variant = ua.Variant(value, V.String, is_array=True)
+            else:
+                variant = ua.Variant(value, kinds[key])
+            await write(nodes[key], VALUE, ua.DataValue(variant, SourceTimestamp=wall))
 
     async def _kpis(self) -> None:
         while True:
@@ -366,9 +373,3 @@ def _without_traceback(logger: str) -> Iterator[None]:
         yield
     finally:
         logging.getLogger(logger).removeFilter(quiet)
-
-
-def _kind(key: str) -> V:
-    if key.startswith("Line/"):
-        return LINE_TYPES[key]
-    return STATION_TYPES[key.split("/", 2)[2]]

@@ -59,6 +59,13 @@ _FIELD = {
 }
 
 
+# name -> (datatype, value field, two's complement mask for a signed type): looked up once,
+# not per metric (protobuf's enum wrapper is slow to read).
+_MASKS = {DataType.Int32: 0xFFFF_FFFF, DataType.Int64: 0xFFFF_FFFF_FFFF_FFFF}
+_METRICS = {name: (t, _FIELD[t], _MASKS.get(t, 0)) for name, t in TYPES.items()}
+_SEQ_TAG = 3 << 3  # Payload.seq: field 3, varint
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -74,14 +81,12 @@ def topic(group: str, kind: str, node: str, device: str | None = None) -> str:
 def payload(values: Mapping[str, Any], timestamp: int) -> Payload:
     """A payload without seq (stamped when it is sent) holding ``values`` as metrics."""
     p = Payload(timestamp=timestamp)
+    add = p.metrics.add
     for name, value in values.items():
-        datatype = TYPES[name]
-        m = p.metrics.add(name=name, timestamp=timestamp, datatype=datatype)
-        if datatype == DataType.Int32 and value < 0:
-            value &= 0xFFFF_FFFF  # Sparkplug carries signed 32-bit values two's complement
-        elif datatype == DataType.Int64 and value < 0:
-            value &= 0xFFFF_FFFF_FFFF_FFFF
-        setattr(m, _FIELD[datatype], value)
+        datatype, field, mask = _METRICS[name]
+        if mask and value < 0:
+            value &= mask  # Sparkplug carries signed values two's complement
+        add(name=name, timestamp=timestamp, datatype=datatype, **{field: value})
     return p
 
 
@@ -137,16 +142,25 @@ class EdgeNode:
 
     def data(self, data: bytes, *, historical: bool) -> bytes:
         """An NDATA/DDATA payload built without seq, stamped with the session's next one."""
-        p = decode(data)
         if historical:
+            p = decode(data)
             for m in p.metrics:
                 m.is_historical = True
-        return self._stamp(p)
+            return self._stamp(p)
+        # Appending the seq field to the serialized payload is the same message to any
+        # protobuf parser (fields may come in any order), without decoding and encoding again.
+        seq = self._next_seq()
+        varint = bytes((seq,)) if seq < 0x80 else bytes((seq & 0x7F | 0x80, seq >> 7))
+        return data + bytes((_SEQ_TAG,)) + varint
 
     def _stamp(self, p: Payload) -> bytes:
-        p.seq = self._seq
-        self._seq = (self._seq + 1) % 256
+        p.seq = self._next_seq()
         return p.SerializeToString()
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq = (seq + 1) % 256
+        return seq
 
 
 def rebirth_requested(data: bytes) -> bool:

@@ -185,12 +185,15 @@ class Outbox:
             return Message.decode(record), True
         return (self._memory[0], False) if self._memory else None
 
-    def head(self, n: int) -> list[tuple[Message, bool]]:
-        """The next ``n`` messages (or fewer), oldest first, as ``peek`` gives them."""
-        out = [(Message.decode(r), True) for r in itertools.islice(self.spool.records, n)]
-        memory = [(m, False) for m in itertools.islice(self._memory, n - len(out))]
-        self._sending = len(memory)
-        return out + memory
+    def head(self, n: int, start: int = 0) -> list[tuple[Message, bool]]:
+        """Messages ``start`` to ``n`` from the head, oldest first, as ``peek`` gives them;
+        the first ``n`` are then counted as handed to the broker."""
+        spooled = len(self.spool)
+        out = [(Message.decode(r), True) for r in itertools.islice(self.spool.records, start, n)]
+        first, end = max(0, start - spooled), max(0, n - spooled)
+        out += [(m, False) for m in itertools.islice(self._memory, first, end)]
+        self._sending = min(end, len(self._memory))
+        return out
 
     def pop(self) -> None:
         if len(self.spool):
@@ -204,6 +207,11 @@ class Outbox:
         if not len(self):
             self._ready.clear()
             await self._ready.wait()
+
+    async def changed(self) -> None:
+        """Until the next ``put`` or ``wake()`` (a sender's own check came just before)."""
+        self._ready.clear()
+        await self._ready.wait()
 
     def wake(self) -> None:
         self._ready.set()

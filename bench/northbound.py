@@ -14,7 +14,9 @@ Needs Mosquitto on 127.0.0.1:1883. Rows:
   that station Execute with that unit's serial, on the system-wide monotonic clock. The PLC
   leg includes the poll (up to 10 ms), like every PLC → anything latency.
 - **handover p99 with / without northbound**: the supervisor's own seen→START figure on that
-  line, once without a northbound section and once with it and the subscribers attached.
+  line, without a northbound section, with it and nobody subscribed (what northbound costs
+  this process), and with it and the plant's subscribers attached (their process and the
+  broker then share the machine's cores with the PLC simulators).
 - **500 stations at 1 Hz**: a 500-station plant's supervisor (not run: no PLCs) whose event
   hub gets every station's change once a second, with northbound on (UNS, Sparkplug, OPC UA
   server with 500 stations); this process's CPU while it publishes, minus the same feed with
@@ -35,6 +37,7 @@ from typing import Any
 
 from supervisor import _recv, handover_line, quiet, wide_plant
 
+from linectl import aio
 from linectl.compare import percentile
 from linectl.config import Line
 from linectl.events import StationChanged
@@ -166,7 +169,7 @@ def latencies(
 # --- this process: the controller ------------------------------------------------------------
 
 
-async def _controller(line: Line, northbound: bool) -> dict[str, Any]:
+async def _controller(line: Line, northbound: bool, plant: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
     child = ctx.Process(target=plc_process, args=(there, line), daemon=True)
@@ -187,6 +190,7 @@ async def _controller(line: Line, northbound: bool) -> dict[str, Any]:
             if northbound:
                 async with asyncio.timeout(60):
                     await nb.opcua.started.wait()
+            if northbound and plant:
                 watcher, theirs = ctx.Pipe()
                 where = {"url": nb.opcua.url, "prefix": prefix}
                 sub = ctx.Process(
@@ -235,8 +239,9 @@ def ms(values: list[float], p: float) -> str:
 def latency_rows(units: int) -> None:
     line = handover_line("modbus")
     line = line.model_copy(update={"release": line.release.model_copy(update={"count": units})})
-    without = asyncio.run(_controller(line, northbound=False))
-    with_nb = asyncio.run(_controller(line, northbound=True))
+    without = aio.run(_controller(line, northbound=False))
+    alone = aio.run(_controller(line, northbound=True, plant=False))
+    with_nb = aio.run(_controller(line, northbound=True))
     print(f"handover line (Modbus, 10 ms poll), {units} units, 8 stations")
     for name in ("mqtt", "opcua"):
         v = with_nb[name]
@@ -244,7 +249,11 @@ def latency_rows(units: int) -> None:
             f"  PLC Execute -> {name:5} subscriber: n={len(v)}  p50 {ms(v, 50)} ms  "
             f"p99 {ms(v, 99)} ms  max {ms(v, 100)} ms"
         )
-    for label, run in (("without northbound", without), ("with northbound   ", with_nb)):
+    for label, run in (
+        ("without northbound                     ", without),
+        ("with northbound, nobody subscribed     ", alone),
+        ("with northbound and the plant listening", with_nb),
+    ):
         h = run["handovers"]
         print(f"  handover seen->START {label}: n={len(h)}  p50 {ms(h, 50)} ms  p99 {ms(h, 99)} ms")
     print(f"  messages or events dropped by northbound: {with_nb['dropped']}")
@@ -314,8 +323,8 @@ async def _feed_cpu(stations: int, seconds: float, northbound: bool) -> float:
 
 def cpu_rows(seconds: float) -> None:
     quiet()
-    base = asyncio.run(_feed_cpu(500, seconds, northbound=False))
-    on = asyncio.run(_feed_cpu(500, seconds, northbound=True))
+    base = aio.run(_feed_cpu(500, seconds, northbound=False))
+    on = aio.run(_feed_cpu(500, seconds, northbound=True))
     print(f"500 stations changing at 1 Hz each ({seconds:.0f} s window)")
     print(f"  CPU share, feed alone: {base * 100:.1f} % of a core")
     print(f"  CPU share, with northbound: {on * 100:.1f} % of a core")

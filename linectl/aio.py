@@ -3,12 +3,19 @@
 ``pip install 'linectl[fast]'`` installs uvloop, a libuv-based loop that makes a Modbus
 request about a third cheaper in CPU (measured in docs/performance.md). ``LINECTL_LOOP=asyncio``
 forces the standard loop, to compare the two or to rule uvloop out when chasing a problem.
+
+It also sets the interpreter's thread switch interval (``SWITCH_INTERVAL_S``): linectl's own
+threads (the trace store's writer, the northbound OPC UA server) run Python beside the line's
+loop, and while one holds the GIL the loop waits for it up to that interval, 5 ms by default:
+a whole handover. At 0.5 ms the northbound OPC UA server no longer shows in the handover
+figure (docs/northbound.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -17,6 +24,7 @@ from linectl.errors import ConfigError
 T = TypeVar("T")
 
 LOOPS = ("uvloop", "asyncio")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def loop_factory(name: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -51,5 +59,6 @@ def run(main: Coroutine[Any, Any, T], *, loop: str | None = None) -> T:
     except ConfigError:
         main.close()  # never to run: say nothing about it never being awaited
         raise
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

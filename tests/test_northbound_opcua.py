@@ -75,6 +75,8 @@ async def served(line) -> AsyncIterator[tuple[object, Northbound]]:
         await nb.start()
         try:
             await asyncio.wait_for(nb.opcua.started.wait(), 20)
+            # asyncua serves on a loop of its own, in its own thread, never on the line's.
+            assert nb.opcua._loop is not asyncio.get_running_loop()
             yield run, nb
         finally:
             await nb.stop()

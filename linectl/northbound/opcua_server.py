@@ -5,10 +5,14 @@ Secure by default, as the PLC side is (drivers/opcua_server_security.py): no Non
 anonymous login, client certificates checked against a trust list, passwords from the
 environment or a file. ``allow_anonymous`` adds a read-only None endpoint, on loopback only.
 
-Station and line nodes are written from the supervisor's events (a bounded subscription,
-coalesced per batch: a slow client costs a node's intermediate values, never a handover).
-Throughput, OEE, the bottleneck and cycle times are figures of elapsed time, so they are
-refreshed from ``statistics()`` every ``kpi_interval_s``, not per event.
+The server runs on an event loop of its own, in its own thread: asyncua's start (seconds of
+CPU building the standard address space), its subscriptions' publishing and whatever a client
+asks for never hold up the line's loop, whose longest wait for it is then the interpreter's
+switch interval. The line's side keeps a bounded subscription to the supervisor's events and
+hands the server one batch at a time (coalesced: a slow server costs a node's intermediate
+values, never a handover); operator methods run on the line's loop. Throughput, OEE, the
+bottleneck and cycle times are figures of elapsed time, refreshed from ``statistics()`` every
+``kpi_interval_s``, not per event.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from asyncua import Server, ua
 from asyncua.common.node import Node
@@ -63,6 +68,7 @@ LINE_TYPES = {
     "Line/OEE": V.Double,
 }
 THROUGHPUT_WINDOW_S = 300.0
+T = TypeVar("T")
 
 
 class NorthboundServer:
@@ -78,25 +84,35 @@ class NorthboundServer:
         self._kinds: dict[str, V] = {}  # the same keys -> variant type
         self._values: dict[str, Any] = {}  # last value written per node
         self._subscription: Subscription | None = None
+        self._sessions = 0  # activated sessions, counted in the server's thread
         self.started = asyncio.Event()  # set once start() has succeeded or given up
+        self._line_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, in its thread
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None  # the server's loop's
 
     @property
     def url(self) -> str:
         return f"opc.tcp://{self.cfg.host}:{self.port}{self.cfg.path}"
 
     def sessions(self) -> int:
+        return self._sessions if self._server is not None else 0
+
+    def _count_sessions(self) -> None:
+        """In the server's thread, where asyncua changes its sessions."""
         server = self._server
-        if server is None:
-            return 0
-        return sum(1 for s in server.iserver._external_sessions.values() if s.is_activated())
+        if server is not None:
+            sessions = server.iserver._external_sessions.values()
+            self._sessions = sum(1 for s in sessions if s.is_activated())
 
     def events_dropped(self) -> int:
         return self._subscription.dropped if self._subscription is not None else 0
 
     # --- life cycle ---------------------------------------------------------------------
 
-    async def start(self) -> bool:
-        """Listen; False (after one log line naming the setting) if it cannot."""
+    async def _start(self, view: LineView) -> bool:
+        """In the server's thread: listen; False (after one log line naming the setting) if
+        it cannot."""
         cfg = self.cfg
         try:
             users = {
@@ -131,7 +147,6 @@ class NorthboundServer:
         except (OSError, ValueError) as exc:
             log.error("northbound.opcua.security: %s; the OPC UA server stays off", exc)
             return False
-        view = LineView.of(self.sup)
         await self._build(server, view)
         try:
             with _without_traceback("asyncua.server.server"):
@@ -150,34 +165,89 @@ class NorthboundServer:
         assert server.bserver is not None
         self.port = server.bserver.port  # the real one when asked for port 0
         self._server = server
-        self._subscription = self.sup.events.subscribe(name="opcua", maxsize=10_000)
         self._view = view
         self.up = True
         log.info("northbound OPC UA server on %s", self.url)
         return True
 
     async def serve(self) -> None:
-        """Start, then keep the nodes current until cancelled (or return if it cannot start)."""
+        """Start the server's thread, then keep the nodes current until cancelled (or return
+        if it cannot start)."""
+        self._line_loop = asyncio.get_running_loop()
+        # Subscribed before the snapshot: an event in between is applied on top of it (events
+        # carry whole states), never lost.
+        self._subscription = self.sup.events.subscribe(name="opcua", maxsize=10_000)
+        view = LineView.of(self.sup)
+        ready: asyncio.Future[bool] = self._line_loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(view, ready), name="northbound-opcua", daemon=True
+        )
+        self._thread.start()
         try:
-            up = await self.start()
+            up = await ready
         finally:
             self.started.set()
-        if up:
-            await self.run()
-
-    async def run(self) -> None:
+        if not up:
+            self._subscription.close()
+            return
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._feed(), name="opcua-feed")
             tg.create_task(self._kpis(), name="opcua-kpis")
 
+    def _thread_main(self, view: LineView, ready: asyncio.Future[bool]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve_here(view, ready))
+        finally:
+            loop.close()
+
+    async def _serve_here(self, view: LineView, ready: asyncio.Future[bool]) -> None:
+        """The server's thread: start, tell the line, serve until stop()."""
+        assert self._line_loop is not None
+        self._stopping = asyncio.Event()
+        up = False
+        try:
+            up = await self._start(view)
+        except Exception:
+            log.exception("northbound OPC UA server failed to start; the line runs on")
+        finally:
+            self._line_loop.call_soon_threadsafe(_resolve, ready, up)
+        if not up:
+            return
+        try:
+            await self._stopping.wait()
+        finally:
+            server, self._server = self._server, None
+            if server is not None:
+                await stop_server(server)
+
     async def stop(self) -> None:
-        server, self._server = self._server, None
         self.up = False
         if self._subscription is not None:
             self._subscription.close()
-        if server is None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or self._stopping is None:
             return
-        await stop_server(server)
+        with contextlib.suppress(RuntimeError):  # its loop already closed
+            loop.call_soon_threadsafe(self._stopping.set)
+        await asyncio.to_thread(thread.join, 10)
+        if thread.is_alive():
+            log.error("northbound OPC UA server's thread did not stop within 10 s")
+
+    async def _in_server(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` on the server's loop and wait for it here, on the line's."""
+        assert self._loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def _on_line(self, call: Callable[[], T]) -> T:
+        """From the server's thread: run ``call`` on the line's loop (operator methods)."""
+        assert self._line_loop is not None
+
+        async def run() -> T:
+            return call()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._line_loop))
 
     # --- address space ------------------------------------------------------------------
 
@@ -241,14 +311,14 @@ class NorthboundServer:
             log.warning("northbound OPC UA method refused: %s", why)
             return ua.StatusCode(code)
 
-        async def pause(_parent: ua.NodeId, paused: ua.Variant) -> Any:
+        def do_pause(paused: ua.Variant) -> Any:
             if not isinstance(paused.Value, bool):
                 return bad(ua.StatusCodes.BadTypeMismatch, "Pause takes a Boolean")
             sup.pause(paused.Value)
             log.info("operator (OPC UA): release %s", "paused" if paused.Value else "resumed")
             return []
 
-        async def drain(_parent: ua.NodeId, station: ua.Variant, on: ua.Variant) -> Any:
+        def do_drain(station: ua.Variant, on: ua.Variant) -> Any:
             if station.Value not in sup.stations or not isinstance(on.Value, bool):
                 return bad(ua.StatusCodes.BadInvalidArgument, f"no station {station.Value!r}")
             sup.set_in_service(station.Value, not on.Value)
@@ -259,7 +329,7 @@ class NorthboundServer:
             )
             return []
 
-        async def release(_parent: ua.NodeId, serial: ua.Variant) -> Any:
+        def do_release(serial: ua.Variant) -> Any:
             unit = next((u for u in sup.quarantined.values() if u.serial == serial.Value), None)
             if unit is None:
                 return bad(
@@ -272,6 +342,17 @@ class NorthboundServer:
             log.info("operator (OPC UA): released %s from quarantine", serial.Value)
             return []
 
+        # asyncua calls these in the server's thread; what they do to the line, the line's
+        # loop does.
+        async def pause(_parent: ua.NodeId, paused: ua.Variant) -> Any:
+            return await self._on_line(lambda: do_pause(paused))
+
+        async def drain(_parent: ua.NodeId, station: ua.Variant, on: ua.Variant) -> Any:
+            return await self._on_line(lambda: do_drain(station, on))
+
+        async def release(_parent: ua.NodeId, serial: ua.Variant) -> Any:
+            return await self._on_line(lambda: do_release(serial))
+
         B, S = ua.ObjectIds.Boolean, ua.ObjectIds.String
         for name, func, args in (
             ("Pause", pause, [arg("Paused", B)]),
@@ -283,34 +364,39 @@ class NorthboundServer:
     # --- values ---------------------------------------------------------------------------
 
     async def _feed(self) -> None:
+        """The line's side: one batch of events at a time to the server's thread (events
+        arriving meanwhile wait in the bounded subscription)."""
         sub = self._subscription
         assert sub is not None
-        view = self._view
         while True:
             batch = [await sub.get(), *sub.drain()]
-            touched: dict[str, StationChanged] = {}
-            for event in batch:
-                view.apply(event)
-                if isinstance(event, StationChanged):
-                    touched[event.station] = event
-            await self._write_changes(batch, touched, view)
+            await self._in_server(self._apply(batch))
 
-    async def _write_changes(
-        self, batch: list[LineEvent], touched: dict[str, StationChanged], view: LineView
-    ) -> None:
+    async def _apply(self, batch: list[LineEvent]) -> None:
+        """The server's thread: the events on the view, and every changed value on a node."""
+        view = self._view
+        touched: dict[str, StationChanged] = {}
+        for event in batch:
+            view.apply(event)
+            if isinstance(event, StationChanged):
+                touched[event.station] = event
         updates: dict[str, Any] = {}
-        wall = batch[-1].wall
         for name, ev in touched.items():
             for key, value in station_values(ev).items():
                 updates[f"Stations/{name}/{key}"] = value
         updates.update(line_values(view.line, len(view.quarantined)))
         updates["Units/Quarantined"] = sorted(view.quarantined.values())
-        await self._write(updates, wall)
+        await self._write(updates, batch[-1].wall)
 
-    async def _write(self, updates: dict[str, Any], wall: datetime) -> None:
+    async def _write(
+        self, updates: dict[str, Any], wall: datetime, *, count_sessions: bool = False
+    ) -> None:
+        """The server's thread: write what changed."""
         server = self._server
         if server is None:
             return
+        if count_sessions:
+            self._count_sessions()
         # The address space's own write (what Server.write_attribute_value calls two awaits
         # down): the value, then the subscriptions' data-change callbacks.
         write = server.iserver.aspace.write_attribute_value
@@ -332,7 +418,7 @@ class NorthboundServer:
             updates = self._derived(stats)
             for name, st in stats.stations.items():
                 updates[f"Stations/{name}/CycleTime"] = st.ewma_cycle_s
-            await self._write(updates, datetime.now(UTC))
+            await self._in_server(self._write(updates, datetime.now(UTC), count_sessions=True))
 
     def _derived(self, stats: Any = None) -> dict[str, Any]:
         """Throughput (units/h over the last 5 min), predicted throughput, bottleneck, OEE."""
@@ -373,3 +459,8 @@ def _without_traceback(logger: str) -> Iterator[None]:
         yield
     finally:
         logging.getLogger(logger).removeFilter(quiet)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

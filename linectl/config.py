@@ -468,7 +468,9 @@ class NorthboundMqtt(_Model):
 
     host: str = Field("127.0.0.1", description="Broker host.")
     port: int = Field(1883, ge=1, le=65535)
-    timeout_s: float = Field(2.0, gt=0, description="Deadline of one publish.")
+    timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of an acknowledgement (PUBACK, SUBACK, PINGRESP)."
+    )
     connect_timeout_s: float = Field(3.0, gt=0, description="Deadline of one connect attempt.")
     backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay.")
     backoff_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay.")

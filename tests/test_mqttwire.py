@@ -132,3 +132,41 @@ async def test_garbage_from_the_peer_is_one_protocol_error():
         conn = await connect(port)
         await eventually(lambda: conn.lost is not None, what="the protocol error")
         assert str(conn.lost) == "protocol error: unexpected packet type 15"
+
+
+async def test_a_long_spool_drains_a_batch_at_a_time_beside_the_line(tmp_path):
+    """5,000 QoS 0 messages spooled during an outage: on connect they go out in batches, and
+    the loop runs other work between batches (the line's handovers), never one long stall."""
+    from linectl.config import NorthboundMqtt
+    from linectl.northbound.mqtt import MqttLink, Publisher
+    from linectl.northbound.spool import Outbox, Spool
+
+    class Plain(Publisher):
+        name = "plain"
+
+        def will(self) -> Message:
+            return Message(f"{topic}/status", b"offline", 1, True)
+
+    topic = f"test/{unique('drain')}"
+    outbox = Outbox(Spool(tmp_path / "s.spool", max_messages=10_000, max_bytes=1 << 24), 10)
+    for i in range(5_000):
+        outbox.put(Message(f"{topic}/m", b"%d" % i))  # offline: spooled
+    cfg = NorthboundMqtt(uns={"topic_prefix": "test/x"})
+    link = MqttLink(cfg, Plain(None, outbox), unique("drain"), None)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    async def line() -> None:
+        while True:
+            seen.append(len(outbox))
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tg:
+        ticker = tg.create_task(line())
+        pump = tg.create_task(link.run())
+        await eventually(lambda: link.published == 5_000, what="the spool forwarded")
+        pump.cancel()
+        ticker.cancel()
+    between = {n for n in seen if 0 < n < 5_000}
+    assert len(between) >= 10, sorted(between)[:20]
+    assert len(outbox) == 0 and len(outbox.spool) == 0
+    outbox.spool.close()

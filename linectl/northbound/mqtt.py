@@ -386,6 +386,10 @@ class MqttLink:
                     payload = publisher.prepare(message, delayed)
                     window.append(conn.publish(message.topic, payload, message.qos, message.retain))
                 if batch:
+                    # Written now, so a full transport buffer stops the next batch; and a
+                    # long spool drain shares the loop with the line, a batch at a time.
+                    conn.flush()
+                    await asyncio.sleep(0)
                     continue  # QoS 0 messages are done once written: pop them next round
             await outbox.changed()
 

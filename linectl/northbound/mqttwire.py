@@ -269,6 +269,13 @@ class MqttConnection(asyncio.Protocol):
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what is queued now rather than at the end of this loop iteration (so that
+        ``writable`` tells whether the transport's buffer is full)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+
     def _flush(self) -> None:
         self._flush_handle = None
         if self._out and self._transport is not None and self.lost is None:
@@ -277,9 +284,7 @@ class MqttConnection(asyncio.Protocol):
 
     def _write_now(self, packet: bytes) -> None:
         self._send(packet)
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush()
+        self.flush()
 
     # --- deadlines -----------------------------------------------------------------------
 
@@ -352,7 +357,8 @@ class MqttConnection(asyncio.Protocol):
         elif kind == PUBREC:
             (mid,) = _U16.unpack_from(body)
             self._send(_packet(PUBREL, 0x02, body[:2]))
-            self.pending[mid] = self._loop.time()  # now waiting for PUBCOMP
+            if self.pending.pop(mid, None) is not None:  # now waiting for PUBCOMP, newest
+                self.pending[mid] = self._loop.time()
         elif kind == PUBLISH:
             self._incoming(flags, body)
         elif kind == SUBACK:

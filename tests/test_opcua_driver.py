@@ -16,6 +16,7 @@ from linectl.contract import Command, State
 from linectl.drivers.base import ConnectionChange, DriverEvent, SlotUpdate, StationViolation
 from linectl.drivers.opcua import OpcUaDriver
 from simulators.runner import SimLine
+from tests.helpers import eventually
 
 CONFIG = """
 line: opcua_driver
@@ -140,3 +141,21 @@ async def test_poll_mode_reports_changes_and_heartbeat() -> None:
         assert driver.statistics().notifications == 0
         sim.plcs["cell_b"].freeze_heartbeat()
         await rec.wait_for(is_lost)
+
+
+async def test_two_publish_requests_wait_at_the_plc() -> None:
+    """A change that comes while one PublishRequest's answer is on its way goes out at once,
+    in the answer to the other one, instead of a round trip later."""
+    from linectl.drivers.opcua import PUBLISH_REQUESTS
+
+    async with SimLine(config(), free_ports=True) as sim, running(sim.line) as (driver, rec):
+        await driver.wait_connected()
+        server = next(iter(sim.servers.values()))._server
+        queued = lambda: [len(c.processor._publish_requests) for c in server.bserver.clients]  # noqa: E731
+        await eventually(lambda: PUBLISH_REQUESTS in queued(), what=f"requests queued: {queued()}")
+        # Answers come back through either request, in order.
+        for seq, unit in ((1, 8), (3, 9)):
+            await driver.command("b2", 0, seq, Command.START, unit)
+            await rec.wait_for(update("b2", 0, State.COMPLETE, unit=unit))
+            await driver.command("b2", 0, seq + 1, Command.RESET, 0)
+            await rec.wait_for(update("b2", 0, State.IDLE, ack_seq=seq + 1))

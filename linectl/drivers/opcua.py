@@ -96,6 +96,10 @@ _REFUSED = {
     ua.StatusCodes.BadUserAccessDenied: "the PLC refused the login",
 }
 _MONITORED_QUEUE = 8  # per Status item: keeps Execute -> Complete apart within one publish
+# PublishRequests kept waiting at the PLC. asyncua's client sends the next only after the last
+# one's answer is handled: a change in between waits a round trip. A server keeps more queued
+# requests than it has subscriptions (OPC UA Part 4, 5.13.5), so two are always accepted.
+PUBLISH_REQUESTS = 2
 
 
 @dataclass
@@ -178,6 +182,12 @@ class OpcUaDriver(DriverCore):
             if self._subscription is not None:
                 tg.create_task(self._watch_heartbeat())
                 tg.create_task(self._consume(self._subscription, nodes))
+                for n in range(1, PUBLISH_REQUESTS):
+                    # Beside asyncua's own loop; its callback is synchronous, so answers are
+                    # handled in the order they arrive, whichever loop's request they answer.
+                    tg.create_task(
+                        client.uaclient.session._publish_loop(), name=f"publish-{self.name}-{n}"
+                    )
             else:
                 tg.create_task(
                     self._poll_forever(

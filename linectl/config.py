@@ -85,28 +85,23 @@ class ModbusSimTls(_Model):
         return _relative_to_config(path, info)
 
 
-class ModbusTls(_Model):
-    """Modbus/TCP Security: TLS with mutual authentication, usually on port 802.
+class _ClientTls(_Model):
+    """What linectl connects over TLS with (``linectl.tls.client_context``): the peer's
+    certificate is verified against ``ca`` and must name ``server_hostname`` (default: the
+    host; an IP address matches an IP subjectAltName). A key password never is in the file:
+    name the environment variable that holds it."""
 
-    The PLC's certificate is verified against ``ca`` and must name ``server_hostname`` (default:
-    the PLC's host; an IP address matches an IP subjectAltName). We present ``certificate``.
-    A key password never is in the file: name the environment variable that holds it.
-    """
-
-    ca: Path = Field(description="CA or trusted certificates (PEM or DER) to verify the PLC.")
-    certificate: Path = Field(description="Our client certificate (PEM or DER), for mutual auth.")
-    private_key: Path = Field(description="Its private key (PEM).")
+    ca: Path = Field(description="CA or trusted certificates (PEM or DER) to verify the peer.")
+    certificate: Path | None = Field(None, description="Our client certificate (PEM or DER).")
+    private_key: Path | None = Field(None, description="Its private key (PEM).")
     private_key_password_env: str | None = Field(
         None, description="Environment variable holding the key's password, if it is encrypted."
     )
     server_hostname: str | None = Field(
-        None, description="Name or IP the PLC's certificate must carry (default: host)."
+        None, description="Name or IP the peer's certificate must carry (default: host)."
     )
     min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
         "TLSv1.2", description="Oldest TLS version accepted."
-    )
-    sim: ModbusSimTls | None = Field(
-        None, description="Simulator only: its certificate, key and client CA."
     )
 
     @model_validator(mode="before")
@@ -121,13 +116,39 @@ class ModbusTls(_Model):
 
     @field_validator("ca", "certificate", "private_key")
     @classmethod
-    def _paths(cls, path: Path, info: ValidationInfo) -> Path:
-        return _relative_to_config(path, info)
+    def _paths(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _relative_to_config(path, info)
 
     @field_validator("server_hostname")
     @classmethod
     def _hostname(cls, name: str | None) -> str | None:
         return None if name is None else _check_host(name)
+
+    @model_validator(mode="after")
+    def _identity(self) -> _ClientTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key, or neither")
+        return self
+
+
+class ModbusTls(_ClientTls):
+    """Modbus/TCP Security: TLS with mutual authentication, usually on port 802. The PLC's
+    certificate is verified against ``ca``; we present ``certificate``."""
+
+    ca: Path = Field(description="CA or trusted certificates (PEM or DER) to verify the PLC.")
+    certificate: Path = Field(description="Our client certificate (PEM or DER), for mutual auth.")
+    private_key: Path = Field(description="Its private key (PEM).")
+    server_hostname: str | None = Field(
+        None, description="Name or IP the PLC's certificate must carry (default: host)."
+    )
+    sim: ModbusSimTls | None = Field(
+        None, description="Simulator only: its certificate, key and client CA."
+    )
+
+
+class MqttTls(_ClientTls):
+    """TLS to the broker (usually port 8883). A client certificate is optional: most brokers
+    log in with user and password (``login``)."""
 
 
 class ModbusPlc(Connection):
@@ -476,6 +497,7 @@ class NorthboundMqtt(_Model):
     backoff_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay.")
     client_id: str | None = Field(None, description="Base client id (default: linectl-<line>).")
     login: MqttLogin | None = None
+    tls: MqttTls | None = None
     keepalive_s: int = Field(10, ge=2, le=3600)
     queue: int = Field(10_000, ge=1, le=1_000_000, description="Messages held in memory.")
     uns: UnsTopics | None = None

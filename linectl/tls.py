@@ -16,21 +16,23 @@ import ssl
 import tempfile
 from pathlib import Path
 
-from linectl.config import ModbusTls
+from linectl.config import ModbusTls, MqttTls
 from linectl.errors import ConfigError
 
 TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def client_context(tls: ModbusTls, path: str = "tls") -> ssl.SSLContext:
-    """The context linectl connects to a PLC with; ``path`` (``plcs.cell_a.tls``) names the
-    config section in errors. Raises ConfigError when a file cannot be used."""
+def client_context(tls: ModbusTls | MqttTls, path: str = "tls") -> ssl.SSLContext:
+    """The context linectl connects to a PLC or a broker with; ``path``
+    (``plcs.cell_a.tls``) names the config section in errors. Raises ConfigError when a file
+    cannot be used."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = TLS_VERSIONS[tls.min_version]
     _load_ca(ctx, tls.ca, f"{path}.ca")
-    _load_identity(
-        ctx, tls.certificate, tls.private_key, path, password_env=tls.private_key_password_env
-    )
+    if tls.certificate is not None and tls.private_key is not None:
+        _load_identity(
+            ctx, tls.certificate, tls.private_key, path, password_env=tls.private_key_password_env
+        )
     # PROTOCOL_TLS_CLIENT sets both already; say so here, where a reader looks for them.
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -146,34 +148,35 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return text.split("] ", 1)[-1]
 
 
-def describe_tls_error(exc: BaseException) -> str:
-    """Why a TLS connection failed, for a log line and a ConnectionChange reason."""
+def describe_tls_error(
+    exc: BaseException, *, peer: str = "the PLC", plaintext: str = "a plaintext Modbus TCP port"
+) -> str:
+    """Why a TLS connection to ``peer`` failed, for a log line and a ConnectionChange reason;
+    ``plaintext`` is what a peer that does not speak TLS there probably is."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = f"certificate verify failed: {exc.verify_message}"
         # 2, 20, 21: no issuer found; 18, 19: a self-signed certificate (a PLC sending its own
         # CA along) that tls.ca does not hold.
         if exc.verify_code in (2, 18, 19, 20, 21):
-            return f"{why} (the PLC's certificate is not issued by a CA in tls.ca)"
+            return f"{why} ({peer}'s certificate is not issued by a CA in tls.ca)"
         if exc.verify_code == 62:  # hostname or IP address mismatch
-            return f"{why} (set tls.server_hostname to a name in the PLC's certificate)"
+            return f"{why} (set tls.server_hostname to a name in {peer}'s certificate)"
         return why
+    closed = (
+        f"{peer} closed the connection during the TLS handshake ({plaintext}, or it refused us)"
+    )
     if isinstance(exc, ssl.SSLError):
         reason = _ssl_reason(exc)
         if exc.reason in _REFUSED_BY_PEER:
-            return f"{_REFUSED_BY_PEER[exc.reason]} ({reason})"
+            refusal = _REFUSED_BY_PEER[exc.reason].replace("the PLC", peer)
+            return f"{refusal} ({reason})"
         if exc.reason in _NOT_TLS:
-            return f"the PLC does not answer in TLS: a plaintext Modbus TCP port? ({reason})"
+            return f"{peer} does not answer in TLS: {plaintext}? ({reason})"
         if isinstance(exc, ssl.SSLEOFError):
-            return (
-                "the PLC closed the connection during the TLS handshake "
-                "(a plaintext Modbus TCP port, or it refused us)"
-            )
+            return closed
         return f"TLS error: {reason}"
     if isinstance(exc, ConnectionError):
-        return (
-            "the PLC closed the connection during the TLS handshake "
-            "(a plaintext Modbus TCP port, or it refused us)"
-        )
+        return closed
     return str(exc) or type(exc).__name__
 
 

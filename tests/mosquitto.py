@@ -35,10 +35,18 @@ class PrivateBroker:
     """A mosquitto process of our own on 127.0.0.1:<port>, with persistence so that a
     persistent subscriber's queued messages (QoS 0 too) survive a restart."""
 
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        users: dict[str, str] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.dir = workdir
         self.port = free_port()
         self.users = users or {}
+        self.tls = tls  # (ca, certificate, key): a second listener, on tls_port
+        self.tls_port = free_port() if tls else 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
@@ -63,6 +71,15 @@ class PrivateBroker:
             lines += ["allow_anonymous false", f"password_file {pw}"]
         else:
             lines.append("allow_anonymous true")
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {ca}",
+                f"certfile {cert}",
+                f"keyfile {key}",
+                "require_certificate false",
+            ]
         conf = self.dir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

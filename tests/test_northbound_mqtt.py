@@ -24,6 +24,7 @@ from linectl.northbound.sparkplug import REBIRTH, decode, payload, value_of
 from tests.helpers import eventually
 from tests.linefixtures import running_line
 from tests.mosquitto import Recorder, private_broker, unique
+from tests.test_modbus_tls import pki  # noqa: F401  (the certificates fixture)
 
 LINE = """\
 line: {name}
@@ -257,3 +258,51 @@ async def test_a_rebirth_command_sends_the_births_again_with_seq_zero(tmp_path):
         assert metrics(second)["bdSeq"] == metrics(first)["bdSeq"]  # same session, same will
         await eventually(lambda: len(sparkplug(rec, group, "DBIRTH")) == 4, what="DBIRTHs")
     await rec.clear_retained(prefix)
+
+
+async def run_over_tls(tmp_path: Path, broker, ca: Path, *, good: bool) -> Recorder:
+    """Three units with northbound to the broker's TLS listener, trusting ``ca``; what the
+    plain listener saw of them."""
+    text = LINE.format(
+        name="nb",
+        count=3,
+        port=broker.tls_port,
+        backoff=0.1,
+        prefix=f"test/{unique('tls')}",
+        group=unique("g"),
+        spool=tmp_path / f"spool-{ca.stem}",
+    ).replace("    uns:", f"    tls: {{ca: {ca}}}\n    uns:")
+    line = parse_config(text)
+    released = f"{line.northbound.mqtt.uns.topic_prefix}/nb/units/released"
+    rec = Recorder()
+    async with (
+        rec.listening([released], broker.port),
+        running_line(line) as run,
+        northbound(run.sup, run.sup.line) as nb,
+    ):
+        await run.wait_finished(3)
+        if good:
+            await eventually(lambda: len(rec.on(released)) == 3, what="the releases over TLS")
+            assert all(s.connected for s in nb.statistics().links)
+        else:
+            await eventually(
+                lambda: all(s.connect_failures >= 2 for s in nb.statistics().links),
+                what="refused handshakes",
+            )
+            assert not rec.on(released)
+    return rec
+
+
+async def test_tls_to_the_broker_verifies_its_certificate(tmp_path, caplog, pki):  # noqa: F811
+    """Over TLS with the CA that issued the broker's certificate, the line arrives; with a CA
+    that did not, one line naming northbound.mqtt.tls, and the line runs on."""
+    caplog.set_level(logging.INFO, logger="linectl.northbound")
+    server = (pki / "ca.pem", pki / "plc.pem", pki / "plc.key")
+    async with private_broker(tmp_path / "broker", tls=server) as broker:
+        await run_over_tls(tmp_path, broker, pki / "ca.pem", good=True)
+        assert not [r for r in caplog.records if "TLS" in r.getMessage()]
+        await run_over_tls(tmp_path, broker, pki / "other.pem", good=False)
+    warnings = [r.getMessage() for r in caplog.records if "TLS" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one per link, not one per attempt
+    assert "certificate verify failed" in warnings[0]
+    assert "northbound.mqtt.tls" in warnings[0]

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,11 +26,13 @@ from typing import Any
 
 from linectl.config import NorthboundMqtt
 from linectl.drivers.base import Backoff
+from linectl.errors import ConfigError
 from linectl.events import LineChanged, LineEvent, StationChanged, Subscription, UnitChanged
 from linectl.northbound import sparkplug
 from linectl.northbound.mqttwire import MqttConnection, MqttError, MqttRefused
 from linectl.northbound.spool import Message, Outbox
 from linectl.northbound.view import LineView, line_values, station_values
+from linectl.tls import client_context, describe_tls_error
 
 log = logging.getLogger("linectl.northbound")
 WINDOW = 100  # messages handed to the broker and not yet acknowledged, per connection
@@ -314,6 +317,8 @@ class MqttLink:
         cfg, login = self.cfg, self.cfg.login
         while not self._closing:
             try:
+                # Files are read at every connect: rotated certificates take effect then.
+                tls = None if cfg.tls is None else client_context(cfg.tls, "northbound.mqtt.tls")
                 conn = await MqttConnection.open(
                     cfg.host,
                     cfg.port,
@@ -324,12 +329,14 @@ class MqttLink:
                     will=self.publisher.will(),
                     username=login.user if login else None,
                     password=self.password,
+                    tls=tls,
+                    server_hostname=cfg.tls.server_hostname if cfg.tls else None,
                     on_activity=self.outbox.wake,
                     on_message=self._on_message,
                 )
                 backoff.reset()
                 await self._session(conn)
-            except (MqttError, TimeoutError, OSError) as exc:
+            except (MqttError, TimeoutError, OSError, ConfigError) as exc:
                 if self._closing:
                     return  # close() said goodbye and disconnected
                 self._lost(exc)
@@ -425,6 +432,11 @@ class MqttLink:
 
 def _reason(exc: BaseException, cfg: NorthboundMqtt) -> str:
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, ConfigError):
+        return f"TLS: {'; '.join(exc.problems)}"
+    if isinstance(exc, ssl.SSLError):
+        why = describe_tls_error(exc, peer="the broker", plaintext="a plain MQTT port")
+        return f"TLS: {why} (check northbound.mqtt.tls)"
     if isinstance(exc, MqttRefused) and exc.rc in (4, 5):
         user = f"user '{cfg.login.user}'" if cfg.login else "anonymous login"
         return f"the broker refused {user}: {text} (check northbound.mqtt.login)"

@@ -17,6 +17,7 @@ What it does, and nothing more (MQTT 3.1.1, OASIS standard, sections in brackets
 - PINGREQ every ``keepalive_s``; no PINGRESP, PUBACK or SUBACK within ``timeout_s`` is a lost
   connection (a half-open TCP connection is noticed in seconds, not at the OS's timeout).
 - DISCONNECT on a clean close, so the broker drops the will.
+- TLS, with the caller's verifying SSL context (``linectl.tls.client_context``).
 
 It never reconnects: ``MqttLink`` owns that. Incoming packets are bounded (``MAX_PACKET``);
 one larger, or a malformed one, closes the connection with a reason.
@@ -25,6 +26,7 @@ one larger, or a malformed one, closes the connection with a reason.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
 
@@ -150,11 +152,14 @@ class MqttConnection(asyncio.Protocol):
         will: Message | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         on_activity: Callable[[], None] = lambda: None,
         on_message: Callable[[str, bytes], None] = lambda topic, payload: None,
     ) -> MqttConnection:
-        """TCP, CONNECT and CONNACK within ``connect_timeout_s``; raises ``MqttRefused``,
-        ``MqttError``, ``TimeoutError`` or ``OSError``."""
+        """TCP (and the TLS handshake, with ``tls``), CONNECT and CONNACK within
+        ``connect_timeout_s``; raises ``MqttRefused``, ``MqttError``, ``TimeoutError`` or
+        ``OSError`` (``ssl.SSLError`` among them)."""
         conn = cls(
             timeout_s=timeout_s,
             keepalive_s=keepalive_s,
@@ -164,7 +169,12 @@ class MqttConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout_s):
-                await loop.create_connection(lambda: conn, host, port)
+                if tls is None:
+                    await loop.create_connection(lambda: conn, host, port)
+                else:
+                    await loop.create_connection(
+                        lambda: conn, host, port, ssl=tls, server_hostname=server_hostname or host
+                    )
                 conn._write_now(
                     connect_packet(
                         client_id,

@@ -19,8 +19,8 @@ Needs Mosquitto on 127.0.0.1:1883. Rows:
   broker then share the machine's cores with the PLC simulators).
 - **500 stations at 1 Hz**: a 500-station plant's supervisor (not run: no PLCs) whose event
   hub gets every station's change once a second, with northbound on (UNS, Sparkplug, OPC UA
-  server with 500 stations); this process's CPU while it publishes, minus the same feed with
-  no northbound. The broker's own CPU is not counted.
+  server with 500 stations, then each part alone); this process's CPU (all its threads) while
+  it publishes, minus the same feed with no northbound. The broker's own CPU is not counted.
 """
 
 from __future__ import annotations
@@ -48,18 +48,23 @@ from linectl.supervisor import Supervisor
 BROKER = ("127.0.0.1", 1883)
 
 
-def with_northbound(line: Line, prefix: str, group: str) -> Line:
+PARTS = ("uns", "sparkplug", "opcua")
+
+
+def with_northbound(line: Line, prefix: str, group: str, parts: tuple[str, ...] = PARTS) -> Line:
     data = line.model_dump(mode="json", exclude_none=True)
-    data["northbound"] = {
-        "mqtt": {
-            "host": BROKER[0],
-            "port": BROKER[1],
-            "uns": {"topic_prefix": prefix, "qos": 1},
-            "sparkplug": {"group_id": group},
-            "spool": {"dir": f"/tmp/linectl-bench-spool-{uuid.uuid4().hex[:8]}"},
-        },
-        "opcua": {"port": 0, "allow_anonymous": True},
+    mqtt: dict[str, Any] = {
+        "host": BROKER[0],
+        "port": BROKER[1],
+        "spool": {"dir": f"/tmp/linectl-bench-spool-{uuid.uuid4().hex[:8]}"},
     }
+    if "uns" in parts:
+        mqtt["uns"] = {"topic_prefix": prefix, "qos": 1}
+    if "sparkplug" in parts:
+        mqtt["sparkplug"] = {"group_id": group}
+    data["northbound"] = {"mqtt": mqtt} if "uns" in parts or "sparkplug" in parts else {}
+    if "opcua" in parts:
+        data["northbound"]["opcua"] = {"port": 0, "allow_anonymous": True}
     return Line.model_validate(data)
 
 
@@ -262,11 +267,12 @@ def latency_rows(units: int) -> None:
 # --- 500 stations at 1 Hz ---------------------------------------------------------------------
 
 
-async def _feed_cpu(stations: int, seconds: float, northbound: bool) -> float:
+async def _feed_cpu(stations: int, seconds: float, parts: tuple[str, ...]) -> float:
     line = wide_plant(stations)
     prefix, group = f"bench/{uuid.uuid4().hex[:8]}/area", f"bench{uuid.uuid4().hex[:6]}"
+    northbound = bool(parts)
     if northbound:
-        line = with_northbound(line, prefix, group)
+        line = with_northbound(line, prefix, group, parts)
     sup = Supervisor(line, journal=Journal())
     nb = Northbound(sup, line)
     await nb.start()
@@ -323,12 +329,15 @@ async def _feed_cpu(stations: int, seconds: float, northbound: bool) -> float:
 
 def cpu_rows(seconds: float) -> None:
     quiet()
-    base = aio.run(_feed_cpu(500, seconds, northbound=False))
-    on = aio.run(_feed_cpu(500, seconds, northbound=True))
+    base = aio.run(_feed_cpu(500, seconds, ()))
     print(f"500 stations changing at 1 Hz each ({seconds:.0f} s window)")
     print(f"  CPU share, feed alone: {base * 100:.1f} % of a core")
-    print(f"  CPU share, with northbound: {on * 100:.1f} % of a core")
-    print(f"  northbound's share: {(on - base) * 100:.1f} % of a core")
+    for parts in (PARTS, *((p,) for p in PARTS)):
+        on = aio.run(_feed_cpu(500, seconds, parts))
+        print(
+            f"  with {' + '.join(parts):26}: {on * 100:4.1f} % of a core, "
+            f"northbound's share {(on - base) * 100:4.1f} %"
+        )
 
 
 def main() -> None:

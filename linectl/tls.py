@@ -1,16 +1,15 @@
 """SSL contexts for Modbus/TCP Security, and TLS failures told in words a person can act on.
 
-linectl builds its own contexts and hands them to pymodbus: verification is never optional.
+linectl builds its own contexts and connects with them: verification is never optional.
 A client context checks the PLC's certificate against the configured CA *and* its name (an IP
 address matches an IP subjectAltName); a server context (the simulator's) requires a client
 certificate issued by its client CA. Both refuse anything older than TLS 1.2.
 
-Plain ``ssl`` and ``asyncio``: no protocol library is imported here.
+Plain ``ssl``: no protocol library is imported here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import tempfile
@@ -178,32 +177,3 @@ def describe_tls_error(
     if isinstance(exc, ConnectionError):
         return closed
     return str(exc) or type(exc).__name__
-
-
-class LossReason(asyncio.Protocol):
-    """A protocol library's protocol as asyncio sees it, keeping why the connection ended:
-    pymodbus tells ``trace_connect`` only that it did, but a PLC's TLS alert ("unknown ca") is
-    what an operator needs to read."""
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self._inner = inner
-        self.error: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.error = exc
-        self._inner.connection_lost(exc)

@@ -3,12 +3,12 @@
 Registers are numbered as on the wire and in the config: 0-based holding register addresses
 (register 104 is 40105 in the 4xxxx notation of some PLC tools). Error messages use that number.
 
-pymodbus is only a framer here: its reconnect is off (``reconnect_delay=0``), it never retries
-(``retries=0``) and its own response timeout is set longer than ours, so every deadline is an
-``asyncio.timeout`` scope of this module and ``run()`` alone decides when to reconnect.
+The bytes are linectl.drivers.modbus_wire's: a plain asyncio protocol with one request in
+flight, no library reconnect or retry, so every deadline is an ``asyncio.timeout`` scope of this
+module and ``run()`` alone decides when to reconnect.
 
-With ``tls`` configured the connection is Modbus/TCP Security: pymodbus' TLS client over an
-SSL context of linectl.tls (verification on, mutual auth), and TLS failures are told as such.
+With ``tls`` configured the connection is Modbus/TCP Security: the same protocol over an SSL
+context of linectl.tls (verification on, mutual auth), and TLS failures are told as such.
 Whatever the transport, the driver writes nothing but the command areas of its stations
 (``write_allow_list``); any other write is refused before it is sent.
 """
@@ -20,13 +20,7 @@ import logging
 import os
 import random
 import ssl
-import struct
-from collections.abc import Awaitable, Callable, Mapping
-
-from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.pdu import ModbusPDU
-from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+from collections.abc import Callable, Mapping
 
 from linectl.config import ModbusPlc, Station
 from linectl.contract import (
@@ -49,6 +43,7 @@ from linectl.contract import (
 from linectl.drivers.base import EventSink
 from linectl.drivers.core import DriverCore
 from linectl.drivers.modbus_map import BlockRead, WriteArea, plan_reads, write_allow_list
+from linectl.drivers.modbus_wire import ModbusWire, Refusal, WireClosed, WireGarbled
 from linectl.errors import (
     CommandRefused,
     ConfigError,
@@ -58,45 +53,11 @@ from linectl.errors import (
     ProtocolViolation,
 )
 from linectl.security import PlcSecurityError
-from linectl.tls import LossReason, client_context, describe_tls_error
+from linectl.tls import client_context, describe_tls_error
 
 log = logging.getLogger(__name__)
 
-_EXCEPTION_NAMES = {
-    1: "ILLEGAL_FUNCTION",
-    2: "ILLEGAL_DATA_ADDRESS",
-    3: "ILLEGAL_DATA_VALUE",
-    4: "SERVER_DEVICE_FAILURE",
-    6: "SERVER_DEVICE_BUSY",
-    10: "GATEWAY_PATH_UNAVAILABLE",
-    11: "GATEWAY_TARGET_FAILED_TO_RESPOND",
-}
-
-
 __all__ = ["BlockRead", "ModbusDriver", "WriteArea", "plan_reads", "write_allow_list"]
-
-
-class _FastReadResponse(ReadHoldingRegistersResponse):
-    """pymodbus 3.16 decodes a read response with one struct call per register and formats it
-    whole for a debug log, the larger part of the driver's CPU: one struct call, a short str."""
-
-    def decode(self, data: bytes) -> None:
-        size = data[0]
-        if size >= len(data) or size % 2:
-            raise ModbusIOException(
-                f"byte_count {size} does not fit a packet of {len(data)} bytes",
-                function_code=self.function_code,
-            )
-        self.registers = list(struct.unpack(f">{size // 2}H", data[1 : 1 + size]))
-
-    def __str__(self) -> str:
-        # pymodbus formats every decoded PDU for a debug log even when debug is off.
-        return f"ReadHoldingRegistersResponse({len(self.registers)} registers)"
-
-
-def _exception_name(response: ModbusPDU) -> str:
-    code = getattr(response, "exception_code", 0)
-    return f"{_EXCEPTION_NAMES.get(code, 'exception')} ({code})"
 
 
 def _command_name(code: int) -> str:
@@ -131,20 +92,21 @@ class ModbusDriver(DriverCore):
         self.has_heartbeat = bool(self._reads)  # a PLC without stations shows no heartbeat
         self._base = {n: int(st.address) for n, st in self.stations.items()}
         self._writable = write_allow_list(self.stations)
-        self._loss: LossReason | None = None  # why the TLS connection ended, if it told
-        self._answered = False  # whether the PLC answered anything on this connection
-        self._client: AsyncModbusTcpClient | None = None
+        self._wire: ModbusWire | None = None
         self._lock = asyncio.Lock()  # one request at a time on the one connection
-        self._in_flight = False
         self._finished = 0  # requests finished (answered or not) on this driver: progress
         self._raw: dict[str, list[int]] = {}  # each station's block as last decoded
+        # What each poll's read is called in a message, built once.
+        self._read_what = [
+            f"read of registers {r.start}..{r.start + r.count - 1}" for r in self._reads
+        ]
         self.polls_started = 0
 
     # --- the transport --------------------------------------------------------------------
 
     async def _open(self) -> None:
         try:
-            self._client = await self._connect()
+            self._wire = await self._connect()
         except PlcError as exc:
             self._failed(str(exc))
             raise
@@ -157,42 +119,41 @@ class ModbusDriver(DriverCore):
         await self._poll_forever(lambda: self._poll(resync=False), self.config.poll_interval_s)
 
     async def _close(self) -> None:
-        self._disconnect()
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
 
-    async def _connect(self) -> AsyncModbusTcpClient:
+    async def _connect(self) -> ModbusWire:
         c = self.config
-        options = {
-            "port": c.port,
-            "name": self.name,
-            "reconnect_delay": 0,
-            "retries": 0,
-            # Longer than our own deadlines, so pymodbus never times out first.
-            "timeout": 2 * max(c.timeout_s, c.connect_timeout_s) + 1,
-            "trace_connect": lambda up: self._on_trace_connect(client, up),
-        }
-        if c.tls is None:
-            client = AsyncModbusTcpClient(c.host, **options)
-        else:
+        sslctx: ssl.SSLContext | None = None
+        if c.tls is not None:
             # Files are read at every connect, so rotated certificates take effect on reconnect.
             try:
                 sslctx = client_context(c.tls, f"plcs.{self.name}.tls")
             except ConfigError as exc:
                 raise PlcSecurityError(f"{self.where}: TLS: {exc}", plc=self.name) from exc
-            client = AsyncModbusTlsClient(c.host, sslctx=sslctx, **options)
-        client.register(_FastReadResponse)
-        self._answered = False
-        self._loss = None
+        wire = ModbusWire(c.unit_id)
+        tcp_up = False
+
+        def protocol() -> ModbusWire:
+            # asyncio asks for the protocol once TCP is up, before a TLS handshake starts.
+            nonlocal tcp_up
+            tcp_up = True
+            return wire
+
         try:
             async with asyncio.timeout(c.connect_timeout_s):
-                if c.tls is None:
-                    # pymodbus' connect() swallows the OSError and returns False; its factory
-                    # (the same create_connection call) lets us log why: refused, unreachable...
-                    await client.ctx.call_create()
-                else:
-                    await self._connect_tls(client, sslctx)
+                await asyncio.get_running_loop().create_connection(
+                    protocol,
+                    c.host,
+                    c.port,
+                    ssl=sslctx,
+                    # The name the PLC's certificate must carry.
+                    server_hostname=None if c.tls is None else c.tls.server_hostname or c.host,
+                )
         except TimeoutError as exc:
-            client.close()
-            if self._loss is not None:  # TCP is up: the handshake is what hangs
+            wire.close()
+            if sslctx is not None and tcp_up:  # TCP is up: the handshake is what hangs
                 raise PlcConnectionLost(
                     f"{self.where}: TLS handshake: no answer within {c.connect_timeout_s} s "
                     f"(a plaintext Modbus TCP port?)",
@@ -202,8 +163,8 @@ class ModbusDriver(DriverCore):
                 f"{self.where}: connect timeout after {c.connect_timeout_s} s", plc=self.name
             ) from exc
         except OSError as exc:
-            client.close()
-            if isinstance(exc, ssl.SSLError) or self._loss is not None:
+            wire.close()
+            if isinstance(exc, ssl.SSLError) or tcp_up:
                 # An SSLError's errno is OpenSSL's, not the system's: never os.strerror it.
                 raise PlcSecurityError(
                     f"{self.where}: TLS: {describe_tls_error(exc)}", plc=self.name
@@ -211,41 +172,17 @@ class ModbusDriver(DriverCore):
             # asyncio words it "Connect call failed (host, port)": say why, not where.
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise PlcConnectionLost(f"{self.where}: connect failed: {why}", plc=self.name) from exc
-        return client
-
-    async def _connect_tls(self, client: AsyncModbusTcpClient, sslctx: ssl.SSLContext) -> None:
-        """Connect and handshake with our SSL context, naming the host the PLC's certificate
-        must carry (pymodbus passes none); ``_connect``'s deadline covers the handshake."""
-        tls = self.config.tls
-        assert tls is not None
-
-        def protocol() -> asyncio.Protocol:
-            # asyncio asks for the protocol once TCP is up, before the handshake starts.
-            self._loss = LossReason(client.ctx.handle_new_connection())
-            return self._loss
-
-        await asyncio.get_running_loop().create_connection(
-            protocol,
-            self.config.host,
-            self.config.port,
-            ssl=sslctx,
-            server_hostname=tls.server_hostname or self.config.host,
-        )
-
-    def _on_trace_connect(self, client: AsyncModbusTcpClient, up: bool) -> None:
-        # pymodbus leaves a request waiting for its own (long) timeout when the peer closes the
-        # connection; fail it now so the loss is seen at once.
-        if not up and self._in_flight and client is self._client:
-            future = client.ctx.response_future
-            if not future.done():
-                future.set_exception(ConnectionException(self._closed_reason()))
+        return wire
 
     def _closed_reason(self) -> str:
-        """Why the PLC closed the connection, as far as we can tell."""
-        error = self._loss.error if self._loss is not None else None
+        """Why the connection ended, as far as we can tell."""
+        wire = self._wire
+        error = wire.error if wire is not None else None
         if isinstance(error, ssl.SSLError):
             return f"TLS: {describe_tls_error(error)}"
-        if self._answered:
+        if isinstance(error, WireGarbled):
+            return f"protocol error: {error}"
+        if wire is not None and wire.answered:
             return "connection closed by the PLC"
         if self.config.tls is not None:
             # TLS 1.3 checks our certificate after our side of the handshake is done; a PLC
@@ -260,63 +197,47 @@ class ModbusDriver(DriverCore):
             f"(Modbus/TCP Security)? Then configure plcs.{self.name}.tls"
         )
 
-    def _disconnect(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    # --- requests: the one place pymodbus errors are translated ------------------------------
+    # --- requests: the one place wire errors are translated ----------------------------------
 
     async def _request(
-        self, what: str, call: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]
-    ) -> ModbusPDU:
+        self, what: str, send: Callable[[ModbusWire], asyncio.Future[object]]
+    ) -> object:
         """One request on the one connection. Two deadlines of ``timeout_s`` each: waiting for
-        the connection (``_acquire``), then this request's answer."""
+        the connection (``_acquire``), then this request's answer. A refusal (an exception
+        response) is returned, counted as an error."""
         timeout = self.config.timeout_s
         await self._acquire(what)
         try:
-            client = self._client
-            if client is None:
+            wire = self._wire
+            if wire is None:
                 raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
-            if not client.connected:
+            if wire.closed:
                 raise PlcConnectionLost(
                     f"{self.where}: {what}: {self._closed_reason()}", plc=self.name
                 )
-            task = asyncio.current_task()
-            cancelling = task.cancelling() if task else 0
             started = self.now()
             self._requests += 1
-            self._in_flight = True
             try:
                 async with asyncio.timeout(timeout):
-                    try:
-                        response = await call(client)
-                    except ModbusIOException:
-                        # Some pymodbus versions turn a cancelled request into this: restore
-                        # the cancellation so a deadline stays a timeout and a cancel a cancel.
-                        if task is not None and task.cancelling() > cancelling:
-                            raise asyncio.CancelledError from None
-                        raise
-                    if task is not None and task.cancelling() > cancelling:
-                        # pymodbus awaits asyncio.wait_for, which on Python 3.11 returns the
-                        # result and drops a cancellation arriving with the response (cpython
-                        # gh-86296): deliver it, or run() would never stop.
-                        raise asyncio.CancelledError
+                    answer = await send(wire)
             except TimeoutError as exc:
                 raise self._timed_out(f"{what}: no answer within {timeout} s", started) from exc
-            except ModbusException as exc:
-                message = self._failed(f"{what}: connection lost: {exc}", started=started)
+            except WireGarbled as exc:
+                message = self._failed(f"{what}: protocol error: {exc}", started=started)
+                raise PlcConnectionLost(message, plc=self.name) from exc
+            except WireClosed as exc:
+                message = self._failed(
+                    f"{what}: connection lost: {self._closed_reason()}", started=started
+                )
                 raise PlcConnectionLost(message, plc=self.name) from exc
             finally:
-                self._in_flight = False
                 self._finished += 1
         finally:
             self._lock.release()
         self._request_done(started)
-        self._answered = True
-        if response.isError():
-            self._failed(f"{what}: refused with {_exception_name(response)}")
-        return response
+        if isinstance(answer, Refusal):
+            self._failed(f"{what}: refused with {answer}")
+        return answer
 
     async def _acquire(self, what: str) -> None:
         """Wait for the one connection, in turn. The deadline is ``timeout_s`` without progress:
@@ -354,25 +275,21 @@ class ModbusDriver(DriverCore):
                 if not acquiring.cancelled():
                     lock.release()
 
-    def _read(self, start: int, count: int, context: str = "") -> Awaitable[ModbusPDU]:
-        unit_id = self.config.unit_id
-        return self._request(
-            f"{context}read of registers {start}..{start + count - 1}",
-            lambda c: c.read_holding_registers(start, count=count, device_id=unit_id),
-        )
+    async def _read(self, first: int, count: int, what: str) -> list[int] | Refusal:
+        answer = await self._request(what, lambda wire: wire.read(first, count))
+        return answer  # type: ignore[return-value]
 
     # --- polling ---------------------------------------------------------------------------------
 
     async def _poll(self, *, resync: bool) -> None:
         self.polls_started += 1
-        for read in self._reads:
-            response = await self._read(read.start, read.count)
+        for read, what in zip(self._reads, self._read_what, strict=True):
+            words = await self._read(read.start, read.count, what)
             at = self.now()
-            words = list(response.registers)
-            if response.isError() or len(words) != read.count:
+            if isinstance(words, Refusal) or len(words) != read.count:
                 problem = (
-                    f"refused with {_exception_name(response)}"
-                    if response.isError()
+                    f"refused with {words}"
+                    if isinstance(words, Refusal)
                     else f"answered {len(words)} registers, expected {read.count}"
                 )
                 for station, offset, _ in read.stations:
@@ -495,12 +412,10 @@ class ModbusDriver(DriverCore):
                 f"{self._outside_allow_list(address, end)}"
             )
             raise ProtocolViolation(message, plc=self.name, station=station)
-        unit_id = self.config.unit_id
-        response = await self._request(
-            f"{what} at register {address}",
-            lambda c: c.write_registers(address, words, device_id=unit_id),
+        answer = await self._request(
+            f"{what} at register {address}", lambda wire: wire.write(address, words)
         )
-        if response.isError():
+        if isinstance(answer, Refusal):
             raise ProtocolViolation(self._last_error, plc=self.name, station=station)
 
     def _outside_allow_list(self, start: int, end: int) -> str:
@@ -515,11 +430,14 @@ class ModbusDriver(DriverCore):
     async def _read_slot(self, station: str, slot: int) -> SlotStatus:
         base = self._base[station]
         first = slot_base(base, slot)
-        response = await self._read(first, SLOT_WORDS, f"station '{station}' slot {slot}: ")
-        if response.isError():
+        what = (
+            f"station '{station}' slot {slot}: read of registers {first}..{first + SLOT_WORDS - 1}"
+        )
+        words = await self._read(first, SLOT_WORDS, what)
+        if isinstance(words, Refusal):
             raise ProtocolViolation(self._last_error, plc=self.name, station=station)
         try:
-            return decode_slot_status(response.registers, first - base)
+            return decode_slot_status(words, first - base)
         except ContractViolation as exc:
             raise ProtocolViolation(
                 f"{self.where} station '{station}' slot {slot}: {exc} at register "

@@ -1,0 +1,260 @@
+"""The Modbus TCP wire protocol (linectl/drivers/modbus_wire.py) against a scripted PLC on a
+real socket: the answers a simulator never gives (cut short, the wrong transaction, garbage),
+each told as what it is and at once, never as a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from linectl.config import parse_config
+from linectl.contract import SlotStatus, command_words, encode_header, encode_slot_status
+from linectl.drivers.modbus import ModbusDriver
+from linectl.drivers.modbus_wire import ModbusWire, Refusal, WireClosed, WireGarbled
+from tests.helpers import eventually
+from tests.test_driver_behaviour import Events
+
+UNIT = 1
+REGISTERS = list(range(100, 124))
+
+# What the scripted PLC does with one request: bytes to send back (b"" for nothing), or None
+# to close the connection after sending nothing.
+Script = Callable[[int, int, bytes], bytes | None]
+
+
+def frame(tid: int, pdu: bytes, *, unit: int = UNIT, protocol: int = 0) -> bytes:
+    return struct.pack(">HHHB", tid, protocol, len(pdu) + 1, unit) + pdu
+
+
+def answer(tid: int, unit: int, pdu: bytes) -> bytes:
+    """What a PLC within the protocol answers: the registers asked for, a write's echo."""
+    if pdu[0] == 3:
+        first, count = struct.unpack_from(">HH", pdu, 1)
+        words = REGISTERS[first : first + count]
+        return frame(tid, struct.pack(f">BB{len(words)}H", 3, 2 * len(words), *words), unit=unit)
+    return frame(tid, pdu[:5], unit=unit)
+
+
+class ScriptedPlc(asyncio.Protocol):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.buffer = b""
+        self.requests: list[tuple[int, bytes]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 7:
+            tid, _, length, unit = struct.unpack_from(">HHHB", self.buffer)
+            if len(self.buffer) < 6 + length:
+                return
+            pdu, self.buffer = self.buffer[7 : 6 + length], self.buffer[6 + length :]
+            self.requests.append((tid, pdu))
+            out = self.script(tid, unit, pdu)
+            if out is None:
+                self.transport.close()
+                return
+            self.transport.write(out)
+
+
+@contextlib.asynccontextmanager
+async def plc(script: Script = answer) -> AsyncIterator[tuple[int, list[ScriptedPlc]]]:
+    """A scripted PLC on 127.0.0.1; yields its port and the connections it accepted."""
+    accepted: list[ScriptedPlc] = []
+
+    def accept() -> ScriptedPlc:
+        accepted.append(ScriptedPlc(script))
+        return accepted[-1]
+
+    server = await asyncio.get_running_loop().create_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.transport.abort()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def wired(script: Script = answer) -> AsyncIterator[tuple[ModbusWire, list[ScriptedPlc]]]:
+    async with plc(script) as (port, accepted):
+        loop = asyncio.get_running_loop()
+        _, wire = await loop.create_connection(lambda: ModbusWire(UNIT), "127.0.0.1", port)
+        try:
+            yield wire, accepted
+        finally:
+            wire.close()
+
+
+async def within(future: asyncio.Future, seconds: float = 1.0) -> object:
+    async with asyncio.timeout(seconds):
+        return await future
+
+
+async def test_a_read_and_a_write_are_answered_in_turn():
+    async with wired() as (wire, accepted):
+        assert await within(wire.read(2, 3)) == [102, 103, 104]
+        assert await within(wire.write(8, [1, 2, 3, 4, 5, 6])) is None
+        assert [pdu for _, pdu in accepted[0].requests] == [
+            struct.pack(">BHH", 3, 2, 3),
+            struct.pack(">BHHB6H", 16, 8, 6, 12, 1, 2, 3, 4, 5, 6),
+        ]
+        assert wire.answered and not wire.closed
+
+
+async def test_an_answer_arriving_a_byte_at_a_time_is_assembled():
+    async with wired(lambda *_: b"") as (wire, accepted):  # the PLC holds its answers
+        future = wire.read(0, 24)
+        await eventually(lambda: accepted and accepted[0].requests, what="the request")
+        for byte in answer(1, UNIT, struct.pack(">BHH", 3, 0, 24)):
+            assert not future.done()
+            wire.data_received(bytes([byte]))
+        assert future.result() == REGISTERS
+
+
+async def test_an_exception_response_is_a_refusal_with_its_name_and_the_link_stays_up():
+    def refuse(tid: int, unit: int, pdu: bytes) -> bytes:
+        return frame(tid, bytes([pdu[0] | 0x80, 2]))
+
+    async with wired(refuse) as (wire, _):
+        refusal = await within(wire.read(500, 2))
+        assert refusal == Refusal(3, 2)
+        assert str(refusal) == "ILLEGAL_DATA_ADDRESS (2)"
+        assert str(await within(wire.write(8, [0] * 6))) == "ILLEGAL_DATA_ADDRESS (2)"
+        assert not wire.closed
+
+
+async def test_a_peer_closing_mid_request_fails_it_at_once():
+    """The PLC sends a few bytes of its second answer and closes: the request fails now, not
+    at a deadline, and the wire remembers the PLC had answered before."""
+    answered: list[int] = []
+
+    def cut(tid: int, unit: int, pdu: bytes) -> bytes | None:
+        if answered:
+            accepted[0].transport.write(answer(tid, unit, pdu)[:5])
+            return None
+        answered.append(tid)
+        return answer(tid, unit, pdu)
+
+    async with wired(cut) as (wire, accepted):
+        assert await within(wire.read(0, 2)) == [100, 101]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(WireClosed):
+            await within(wire.read(0, 2), 2.0)
+        assert loop.time() - started < 0.5
+        assert wire.closed and wire.answered
+        with pytest.raises(WireClosed, match="not connected"):
+            await within(wire.read(0, 2))
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (lambda tid, pdu: answer(tid + 7, UNIT, pdu), "answered transaction 8, expected 1"),
+        (lambda tid, pdu: answer(tid, UNIT + 1, pdu), "answered for unit 2, asked unit 1"),
+        (lambda tid, pdu: frame(tid, b"\x04\x02\0\0"), "answered function 4 to a request of "),
+        (lambda tid, pdu: frame(tid, b"\x03\x05\0\0\0\0\0"), "a read answer of 7 bytes"),
+        (lambda tid, pdu: frame(tid, b"\x03"), "a read answer of 1 bytes"),
+        (lambda tid, pdu: frame(tid, pdu, protocol=9), "not a Modbus TCP answer (protocol id 9"),
+        (lambda tid, pdu: b"\0\1\0\0\x01\x00\x01\x03", "length 256"),
+    ],
+    ids=[
+        "wrong-transaction",
+        "wrong-unit",
+        "wrong-function",
+        "bad-byte-count",
+        "no-byte-count",
+        "protocol-id",
+        "too-long",
+    ],
+)
+async def test_an_answer_outside_the_protocol_fails_the_request_and_closes_the_link(reply, problem):
+    async with wired(lambda tid, unit, pdu: reply(tid, pdu)) as (wire, _):
+        with pytest.raises(WireGarbled, match=problem.replace("(", r"\(")):
+            await within(wire.read(0, 2))
+        assert wire.closed and isinstance(wire.error, WireGarbled)
+        await asyncio.sleep(0)  # one turn of the loop: the abort's connection_lost has run
+        assert wire.transport is not None and wire.transport.is_closing()
+        assert isinstance(wire.error, WireGarbled)
+
+
+async def test_a_write_answer_that_does_not_echo_the_write_is_garbled():
+    async with wired(lambda tid, unit, pdu: frame(tid, struct.pack(">BHH", 16, 9, 6))) as (w, _):
+        with pytest.raises(WireGarbled, match="does not echo the write"):
+            await within(w.write(8, [0] * 6))
+
+
+async def test_a_late_answer_to_a_request_given_up_on_is_dropped():
+    """The first request goes unanswered until the second is sent; then both answers come:
+    the late one is dropped and the second request gets its own answer."""
+    held: list[tuple[int, bytes]] = []
+
+    def late(tid: int, unit: int, pdu: bytes) -> bytes:
+        if tid == 1:
+            held.append((tid, pdu))
+            return b""
+        old_tid, old_pdu = held[0]
+        return answer(old_tid, unit, old_pdu) + answer(tid, unit, pdu)
+
+    async with wired(late) as (wire, _):
+        wire.read(0, 2).cancel()  # given up on, as the driver's deadline does
+        assert await within(wire.read(4, 2)) == [104, 105]
+        assert not wire.closed
+
+
+async def test_an_answer_nobody_asked_for_is_garbled():
+    async with wired() as (wire, _):
+        assert await within(wire.read(0, 1)) == [100]
+        wire.data_received(answer(1, UNIT, struct.pack(">BHH", 3, 0, 1)))
+        assert wire.closed and "answered transaction 1, expected none" in str(wire.error)
+
+
+async def test_the_driver_tells_a_garbled_answer_as_a_protocol_error_and_reconnects():
+    line = parse_config(
+        """
+line: wire
+plcs:
+  p: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, timeout_s: 0.2,
+      connect_timeout_s: 0.5, heartbeat_timeout_s: 0.3, backoff_initial_s: 0.02,
+      backoff_max_s: 0.1}
+stations:
+  s1: {plc: p, address: 0, cycle_s: 1}
+flow: [s1]
+"""
+    )
+    beats = iter(range(1, 1 << 16))
+    tail = command_words(0, 0, 0) + encode_slot_status(SlotStatus())
+
+    def plc_answer(tid: int, unit: int, pdu: bytes) -> bytes:
+        """One station's block with a live heartbeat; from the fifth request on, each answer
+        carries the next request's transaction id."""
+        words = encode_header(next(beats), 0, 1) + tail
+        body = struct.pack(f">BB{len(words)}H", 3, 2 * len(words), *words)
+        return frame(tid if tid < 5 else tid + 1, body, unit=unit)
+
+    async with plc(plc_answer) as (port, accepted):
+        config = line.plcs["p"].model_copy(update={"port": port})
+        events = Events()
+        driver = ModbusDriver("p", config, dict(line.stations), events)  # type: ignore[arg-type]
+        task = asyncio.create_task(driver.run())
+        try:
+            await events.connection(True)
+            lost = await events.connection(False)
+            assert lost.reason == (
+                f"plc 'p' (127.0.0.1:{port}): read of registers 0..23: protocol error: "
+                "answered transaction 6, expected 5"
+            )
+            await events.connection(True)  # a fresh connection, transactions from 1 again
+            assert len(accepted) >= 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

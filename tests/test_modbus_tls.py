@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from linectl.config import Line, parse_config
 from linectl.contract import HEADER_WORDS, S_STATE, Command, State, command_address
-from linectl.drivers import modbus
+from linectl.drivers import modbus_wire
 from linectl.drivers.base import ConnectionChange
 from linectl.drivers.modbus import WriteArea, write_allow_list
 from linectl.errors import ConfigError, ProtocolViolation
@@ -291,7 +291,7 @@ async def test_linectl_refuses_a_plc_it_cannot_verify(pki, update, why):
 async def test_the_plc_refuses_a_client_without_a_certificate(pki, monkeypatch):
     bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     bare.load_verify_locations(pki / "ca.pem")
-    monkeypatch.setattr(modbus, "client_context", lambda tls, path: bare)
+    monkeypatch.setattr(modbus_wire, "client_context", lambda tls, path: bare)
     async with SimLine(tls_line(pki), free_ports=True) as sim:
         reason = await refused(sim.line)
         assert "the PLC closed the connection after the TLS handshake, before answering: it " in (

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import struct
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from linectl.config import parse_config
+from linectl.config import Line, parse_config
 from linectl.contract import SlotStatus, command_words, encode_header, encode_slot_status
-from linectl.drivers.modbus import ModbusDriver
+from linectl.drivers.core import next_poll_at
 from linectl.drivers.modbus_wire import ModbusWire, Refusal, WireClosed, WireGarbled
 from tests.helpers import eventually
-from tests.test_driver_behaviour import Events
+from tests.test_modbus_driver import running
 
 UNIT = 1
 REGISTERS = list(range(100, 124))
@@ -217,44 +218,85 @@ async def test_an_answer_nobody_asked_for_is_garbled():
         assert wire.closed and "answered transaction 1, expected none" in str(wire.error)
 
 
-async def test_the_driver_tells_a_garbled_answer_as_a_protocol_error_and_reconnects():
-    line = parse_config(
-        """
+# --- the driver on the wire ------------------------------------------------------------------
+
+LINE = parse_config(
+    """
 line: wire
 plcs:
-  p: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.01, timeout_s: 0.2,
-      connect_timeout_s: 0.5, heartbeat_timeout_s: 0.3, backoff_initial_s: 0.02,
+  p: {protocol: modbus, host: 127.0.0.1, port: 0, poll_interval_s: 0.02, timeout_s: 0.5,
+      connect_timeout_s: 0.5, heartbeat_timeout_s: 1.0, backoff_initial_s: 0.02,
       backoff_max_s: 0.1}
 stations:
   s1: {plc: p, address: 0, cycle_s: 1}
 flow: [s1]
 """
-    )
-    beats = iter(range(1, 1 << 16))
-    tail = command_words(0, 0, 0) + encode_slot_status(SlotStatus())
+)
+_SLOT = command_words(0, 0, 0) + encode_slot_status(SlotStatus())
 
+
+def station_block(heartbeat: int) -> bytes:
+    """A read answer's PDU: one single-slot station, Idle, its heartbeat at ``heartbeat``."""
+    words = encode_header(heartbeat & 0xFFFF, 0, 1) + _SLOT
+    return struct.pack(f">BB{len(words)}H", 3, 2 * len(words), *words)
+
+
+def line_at(port: int) -> Line:
+    plc = LINE.plcs["p"].model_copy(update={"port": port})
+    return LINE.model_copy(update={"plcs": {"p": plc}})
+
+
+async def test_the_driver_tells_a_garbled_answer_as_a_protocol_error_and_reconnects():
     def plc_answer(tid: int, unit: int, pdu: bytes) -> bytes:
-        """One station's block with a live heartbeat; from the fifth request on, each answer
-        carries the next request's transaction id."""
-        words = encode_header(next(beats), 0, 1) + tail
-        body = struct.pack(f">BB{len(words)}H", 3, 2 * len(words), *words)
-        return frame(tid if tid < 5 else tid + 1, body, unit=unit)
+        """From the fifth request on, each answer carries the next request's transaction id."""
+        return frame(tid if tid < 5 else tid + 1, station_block(tid), unit=unit)
 
-    async with plc(plc_answer) as (port, accepted):
-        config = line.plcs["p"].model_copy(update={"port": port})
-        events = Events()
-        driver = ModbusDriver("p", config, dict(line.stations), events)  # type: ignore[arg-type]
-        task = asyncio.create_task(driver.run())
-        try:
-            await events.connection(True)
-            lost = await events.connection(False)
-            assert lost.reason == (
-                f"plc 'p' (127.0.0.1:{port}): read of registers 0..23: protocol error: "
-                "answered transaction 6, expected 5"
-            )
-            await events.connection(True)  # a fresh connection, transactions from 1 again
-            assert len(accepted) >= 2
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with plc(plc_answer) as (port, accepted), running(line_at(port)) as (_, events):
+        lost = await events.connection(False)
+        assert lost.reason == (
+            f"plc 'p' (127.0.0.1:{port}): read of registers 0..23: protocol error: "
+            "answered transaction 6, expected 5"
+        )
+        await events.connection(True)  # a fresh connection, transactions from 1 again
+        assert len(accepted) >= 2
+
+
+async def test_polls_never_overlap_and_never_burst_to_catch_up():
+    """A PLC answering three intervals late gets one request at a time; once it answers at
+    once again, polls come an interval apart, not back to back to make up for those missed."""
+    loop = asyncio.get_running_loop()
+    interval = LINE.plcs["p"].poll_interval_s
+    arrivals: list[float] = []
+    outstanding = [0, 0]  # now, the most ever
+
+    def slow_then_fast(tid: int, unit: int, pdu: bytes) -> bytes:
+        arrivals.append(loop.time())
+        outstanding[0] += 1
+        outstanding[1] = max(outstanding)
+        data = frame(tid, station_block(tid), unit=unit)
+        if len(arrivals) < 8:  # the connect's read, then slow polls
+            loop.call_later(3 * interval, answered, accepted[-1], data)
+            return b""
+        outstanding[0] -= 1
+        return data
+
+    def answered(conn: ScriptedPlc, data: bytes) -> None:
+        outstanding[0] -= 1
+        conn.transport.write(data)
+
+    async with plc(slow_then_fast) as (port, accepted), running(line_at(port)) as (driver, _):
+        await eventually(lambda: len(arrivals) >= 20, what="twenty polls")
+        assert driver.connected
+    assert outstanding[1] == 1
+    slow = [b - a for a, b in itertools.pairwise(arrivals[:8])]
+    assert min(slow) >= 3 * interval * 0.9  # each poll waited for the answer before it
+    # Once the PLC answers at once, each poll takes a point of the grid, at most one per
+    # interval: those missed while the answers were slow are not made up in a burst.
+    fast = arrivals[7:]
+    assert len(fast) - 1 <= (fast[-1] - fast[0]) / interval + 1
+
+
+def test_a_late_poll_takes_its_own_grid_point_and_skips_those_it_passed():
+    assert next_poll_at(1.0, 1.01, 0.1) == pytest.approx(1.1)  # on time
+    assert next_poll_at(1.0, 1.25, 0.1) == pytest.approx(1.3)  # 1.1 and 1.2 skipped
+    assert next_poll_at(1.0, 1.1, 0.1) == pytest.approx(1.2)

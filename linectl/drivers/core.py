@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -37,6 +38,16 @@ log = logging.getLogger("linectl.drivers")
 
 # One unanswered request may be a hiccup; this many in a row is a half-open connection.
 MAX_CONSECUTIVE_TIMEOUTS = 2
+
+
+def next_poll_at(due: float, now: float, interval: float) -> float:
+    """When the poll after one due at ``due``, starting ``now``, is due: the first point of the
+    grid ``due + k * interval`` after ``now``. Polls never overlap (the next waits for this one,
+    starting at once if this one overran), a late poll takes its own grid point and the points
+    it passed are skipped: never a burst to catch up, and the PLCs' jittered phases are kept."""
+    if now < due + interval:
+        return due + interval
+    return due + (math.floor((now - due) / interval) + 1) * interval
 
 
 class DriverCore(PlcDriver):
@@ -189,24 +200,30 @@ class DriverCore(PlcDriver):
     # --- polling and the heartbeat -------------------------------------------------------
 
     async def _poll_forever(self, poll: Callable[[], Awaitable[None]], interval: float) -> None:
-        """Poll until the connection is lost. Polls never overlap: the next starts ``interval``
-        after the previous one started, or at once if that one overran (no catch-up burst)."""
+        """Poll until the connection is lost, on the schedule of ``next_poll_at``."""
         next_at = self.now() + interval
         while True:
             delay = next_at - self.now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            next_at = max(next_at + interval, self.now())
+            next_at = next_poll_at(next_at, self.now(), interval)
             try:
                 await poll()
             except PlcTimeout as exc:
-                if self._consecutive_timeouts >= MAX_CONSECUTIVE_TIMEOUTS:
-                    raise PlcConnectionLost(
-                        f"{self.where}: no answer to {self._consecutive_timeouts} requests in a "
-                        f"row (half-open connection?)",
-                        plc=self.name,
-                    ) from exc
-            self._check_heartbeat()
+                self._poll_done(exc)
+            else:
+                self._poll_done(None)
+
+    def _poll_done(self, timeout: PlcTimeout | None) -> None:
+        """After each poll, whoever schedules it: too many requests in a row without an answer
+        (a half-open connection) or a frozen heartbeat end the connection (raised)."""
+        if timeout is not None and self._consecutive_timeouts >= MAX_CONSECUTIVE_TIMEOUTS:
+            raise PlcConnectionLost(
+                f"{self.where}: no answer to {self._consecutive_timeouts} requests in a "
+                f"row (half-open connection?)",
+                plc=self.name,
+            ) from timeout
+        self._check_heartbeat()
 
     def _on_heartbeat(self, value: int | None, at: float) -> None:
         if value is None or value == self._heartbeat:

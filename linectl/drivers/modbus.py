@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import ssl
 from collections.abc import Callable, Mapping
 
 from linectl.config import ModbusPlc, Station
@@ -41,19 +39,24 @@ from linectl.contract import (
     slot_base,
 )
 from linectl.drivers.base import EventSink
-from linectl.drivers.core import DriverCore
+from linectl.drivers.core import DriverCore, next_poll_at
 from linectl.drivers.modbus_map import BlockRead, WriteArea, plan_reads, write_allow_list
-from linectl.drivers.modbus_wire import ModbusWire, Refusal, WireClosed, WireGarbled
+from linectl.drivers.modbus_wire import (
+    ModbusWire,
+    Refusal,
+    Turn,
+    WireError,
+    WireGarbled,
+    closed_reason,
+    open_wire,
+)
 from linectl.errors import (
     CommandRefused,
-    ConfigError,
     PlcConnectionLost,
     PlcError,
     PlcTimeout,
     ProtocolViolation,
 )
-from linectl.security import PlcSecurityError
-from linectl.tls import client_context, describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,9 @@ def _command_name(code: int) -> str:
 class ModbusDriver(DriverCore):
     """One Modbus TCP PLC: polls its station blocks, sends commands, reconnects with backoff.
 
-    The connection's life, the poll schedule (never overlapping, first poll jittered), the
-    heartbeat and what is told to the supervisor are ``DriverCore``'s; this class reads and
-    writes registers.
+    The connection's life, the first poll's jitter, the heartbeat and half-open checks and what
+    is told to the supervisor are ``DriverCore``'s; this class reads and writes registers and
+    schedules its polls from timers (``_follow``) on the grid of ``next_poll_at``.
     """
 
     protocol = "modbus"
@@ -93,7 +96,17 @@ class ModbusDriver(DriverCore):
         self._base = {n: int(st.address) for n, st in self.stations.items()}
         self._writable = write_allow_list(self.stations)
         self._wire: ModbusWire | None = None
-        self._lock = asyncio.Lock()  # one request at a time on the one connection
+        self._turn = Turn()  # one request at a time on the one connection
+        # The scheduled poll (``_follow``): done with the error that ends the connection, the
+        # next poll's time and timer, the read in flight, its deadline, a wait for the turn.
+        self._polling: asyncio.Future[None] | None = None
+        self._next_poll = 0.0
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._reading = 0  # which of this poll's reads
+        self._read_started = 0.0
+        self._in_flight: asyncio.Future[list[int] | Refusal] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._poll_turn: asyncio.Future[None] | None = None
         self._finished = 0  # requests finished (answered or not) on this driver: progress
         self._raw: dict[str, list[int]] = {}  # each station's block as last decoded
         # What each poll's read is called in a message, built once.
@@ -106,7 +119,7 @@ class ModbusDriver(DriverCore):
 
     async def _open(self) -> None:
         try:
-            self._wire = await self._connect()
+            self._wire = await open_wire(self.config, self.name, self.where)
         except PlcError as exc:
             self._failed(str(exc))
             raise
@@ -116,86 +129,34 @@ class ModbusDriver(DriverCore):
         await self._poll(resync=resync)
 
     async def _follow(self) -> None:
-        await self._poll_forever(lambda: self._poll(resync=False), self.config.poll_interval_s)
+        """Poll until the connection is lost (``_poll_done``), scheduled as DriverCore's
+        ``_poll_forever`` does but from ``call_at`` timers and the answers' callbacks, so no task
+        wakes up per poll: that was a fifth of a poll's CPU (bench/plcs.py). Each read still
+        takes its turn on the connection and has its own deadline of ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        self._polling = polling = loop.create_future()
+        self._next_poll = self.now() + self.config.poll_interval_s
+        self._poll_timer = loop.call_at(self._next_poll, self._step, self._tick)
+        try:
+            await polling  # raises the PlcError that ended the connection
+        finally:
+            self._polling = None
+            for handle in (self._poll_timer, self._deadline):
+                if handle is not None:
+                    handle.cancel()
+            # Their callbacks, still to run, find themselves stale and give the turn back.
+            for future in (self._in_flight, self._poll_turn):
+                if future is not None:
+                    future.cancel()
+            self._poll_timer = self._deadline = self._in_flight = self._poll_turn = None
 
     async def _close(self) -> None:
         wire, self._wire = self._wire, None
         if wire is not None:
             wire.close()
 
-    async def _connect(self) -> ModbusWire:
-        c = self.config
-        sslctx: ssl.SSLContext | None = None
-        if c.tls is not None:
-            # Files are read at every connect, so rotated certificates take effect on reconnect.
-            try:
-                sslctx = client_context(c.tls, f"plcs.{self.name}.tls")
-            except ConfigError as exc:
-                raise PlcSecurityError(f"{self.where}: TLS: {exc}", plc=self.name) from exc
-        wire = ModbusWire(c.unit_id)
-        tcp_up = False
-
-        def protocol() -> ModbusWire:
-            # asyncio asks for the protocol once TCP is up, before a TLS handshake starts.
-            nonlocal tcp_up
-            tcp_up = True
-            return wire
-
-        try:
-            async with asyncio.timeout(c.connect_timeout_s):
-                await asyncio.get_running_loop().create_connection(
-                    protocol,
-                    c.host,
-                    c.port,
-                    ssl=sslctx,
-                    # The name the PLC's certificate must carry.
-                    server_hostname=None if c.tls is None else c.tls.server_hostname or c.host,
-                )
-        except TimeoutError as exc:
-            wire.close()
-            if sslctx is not None and tcp_up:  # TCP is up: the handshake is what hangs
-                raise PlcConnectionLost(
-                    f"{self.where}: TLS handshake: no answer within {c.connect_timeout_s} s "
-                    f"(a plaintext Modbus TCP port?)",
-                    plc=self.name,
-                ) from exc
-            raise PlcConnectionLost(
-                f"{self.where}: connect timeout after {c.connect_timeout_s} s", plc=self.name
-            ) from exc
-        except OSError as exc:
-            wire.close()
-            if isinstance(exc, ssl.SSLError) or tcp_up:
-                # An SSLError's errno is OpenSSL's, not the system's: never os.strerror it.
-                raise PlcSecurityError(
-                    f"{self.where}: TLS: {describe_tls_error(exc)}", plc=self.name
-                ) from exc
-            # asyncio words it "Connect call failed (host, port)": say why, not where.
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise PlcConnectionLost(f"{self.where}: connect failed: {why}", plc=self.name) from exc
-        return wire
-
     def _closed_reason(self) -> str:
-        """Why the connection ended, as far as we can tell."""
-        wire = self._wire
-        error = wire.error if wire is not None else None
-        if isinstance(error, ssl.SSLError):
-            return f"TLS: {describe_tls_error(error)}"
-        if isinstance(error, WireGarbled):
-            return f"protocol error: {error}"
-        if wire is not None and wire.answered:
-            return "connection closed by the PLC"
-        if self.config.tls is not None:
-            # TLS 1.3 checks our certificate after our side of the handshake is done; a PLC
-            # that refuses it may just close the connection.
-            return (
-                "the PLC closed the connection after the TLS handshake, before answering: it "
-                f"refused our certificate (is plcs.{self.name}.tls.certificate issued by a CA "
-                "the PLC trusts?)"
-            )
-        return (
-            "the PLC closed the connection before answering: does this port expect TLS "
-            f"(Modbus/TCP Security)? Then configure plcs.{self.name}.tls"
-        )
+        return closed_reason(self._wire, self.config, self.name)
 
     # --- requests: the one place wire errors are translated ----------------------------------
 
@@ -208,13 +169,7 @@ class ModbusDriver(DriverCore):
         timeout = self.config.timeout_s
         await self._acquire(what)
         try:
-            wire = self._wire
-            if wire is None:
-                raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
-            if wire.closed:
-                raise PlcConnectionLost(
-                    f"{self.where}: {what}: {self._closed_reason()}", plc=self.name
-                )
+            wire = self._usable_wire(what)
             started = self.now()
             self._requests += 1
             try:
@@ -222,39 +177,50 @@ class ModbusDriver(DriverCore):
                     answer = await send(wire)
             except TimeoutError as exc:
                 raise self._timed_out(f"{what}: no answer within {timeout} s", started) from exc
-            except WireGarbled as exc:
-                message = self._failed(f"{what}: protocol error: {exc}", started=started)
-                raise PlcConnectionLost(message, plc=self.name) from exc
-            except WireClosed as exc:
-                message = self._failed(
-                    f"{what}: connection lost: {self._closed_reason()}", started=started
-                )
-                raise PlcConnectionLost(message, plc=self.name) from exc
+            except WireError as exc:
+                raise self._wire_failed(what, exc, started) from exc
             finally:
                 self._finished += 1
         finally:
-            self._lock.release()
+            self._turn.give()
+        self._answered(what, answer, started)
+        return answer
+
+    def _usable_wire(self, what: str) -> ModbusWire:
+        wire = self._wire
+        if wire is None:
+            raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
+        if wire.closed:
+            raise PlcConnectionLost(f"{self.where}: {what}: {self._closed_reason()}", plc=self.name)
+        return wire
+
+    def _wire_failed(self, what: str, exc: WireError, started: float) -> PlcConnectionLost:
+        if isinstance(exc, WireGarbled):
+            message = f"{what}: protocol error: {exc}"
+        else:
+            message = f"{what}: connection lost: {self._closed_reason()}"
+        return PlcConnectionLost(self._failed(message, started=started), plc=self.name)
+
+    def _answered(self, what: str, answer: object, started: float) -> None:
         self._request_done(started)
         if isinstance(answer, Refusal):
             self._failed(f"{what}: refused with {answer}")
-        return answer
 
     async def _acquire(self, what: str) -> None:
         """Wait for the one connection, in turn. The deadline is ``timeout_s`` without progress:
         a request ahead that finishes restarts it, so a queue of commands behind a slow but
         working link never times out, while one behind a request that hangs does."""
-        lock = self._lock
-        if not lock.locked():
-            await lock.acquire()
+        turn = self._turn
+        if turn.take():
             return
         timeout = self.config.timeout_s
         waiting = self.now()
-        acquiring = asyncio.ensure_future(lock.acquire())
+        handed = turn.wait()
         acquired = False
         try:
             while True:
                 finished = self._finished
-                done, _ = await asyncio.wait({acquiring}, timeout=timeout)
+                done, _ = await asyncio.wait({handed}, timeout=timeout)
                 if done:
                     acquired = True
                     return
@@ -267,13 +233,8 @@ class ModbusDriver(DriverCore):
                         plc=self.name,
                     )
         finally:
-            if not acquired:
-                # Give the turn back, also if it was granted just as we gave up (or were
-                # cancelled): the waiting task ends here, never after us.
-                acquiring.cancel()
-                await asyncio.wait({acquiring})
-                if not acquiring.cancelled():
-                    lock.release()
+            if not acquired and not handed.cancel():
+                turn.give()  # handed to us just as we gave up (or were cancelled): pass it on
 
     async def _read(self, first: int, count: int, what: str) -> list[int] | Refusal:
         answer = await self._request(what, lambda wire: wire.read(first, count))
@@ -282,22 +243,108 @@ class ModbusDriver(DriverCore):
     # --- polling ---------------------------------------------------------------------------------
 
     async def _poll(self, *, resync: bool) -> None:
+        """One poll as a coroutine: the first, at connect, which resyncs every slot."""
         self.polls_started += 1
         for read, what in zip(self._reads, self._read_what, strict=True):
             words = await self._read(read.start, read.count, what)
-            at = self.now()
-            if isinstance(words, Refusal) or len(words) != read.count:
-                problem = (
-                    f"refused with {words}"
-                    if isinstance(words, Refusal)
-                    else f"answered {len(words)} registers, expected {read.count}"
-                )
-                for station, offset, _ in read.stations:
-                    base = read.start + offset
-                    self._violate_station(station, f"read from register {base}: {problem}", at)
-                continue
-            for station, offset, capacity in read.stations:
-                self._observe_block(station, words, offset, capacity, at, resync)
+            self._take_words(read, words, self.now(), resync)
+
+    def _step(self, step: Callable[..., None], *args: object) -> None:
+        """One step of the scheduled poll: what it raises ends the connection, raised by
+        ``_follow`` as if a polling task had raised it."""
+        polling = self._polling
+        try:
+            step(*args)
+        except Exception as exc:  # handed to _follow's await: never lost
+            if polling is not None and not polling.done():
+                polling.set_exception(exc)
+            else:
+                raise
+
+    def _tick(self) -> None:
+        self._next_poll = next_poll_at(self._next_poll, self.now(), self.config.poll_interval_s)
+        self.polls_started += 1
+        self._reading = 0
+        self._take_turn()
+
+    def _take_turn(self) -> None:
+        if self._turn.take():
+            self._send_read()
+        else:  # a command's request goes first
+            self._poll_turn = self._turn.wait()
+            self._poll_turn.add_done_callback(self._handed)
+
+    def _handed(self, handed: asyncio.Future[None]) -> None:
+        if handed is not self._poll_turn:  # the polls stopped meanwhile
+            if not handed.cancelled():
+                self._turn.give()
+            return
+        self._poll_turn = None
+        self._step(self._send_read)
+
+    def _send_read(self) -> None:
+        """Send the current read of this poll; holds the turn until it is answered."""
+        try:
+            wire = self._usable_wire(self._read_what[self._reading])
+        except PlcError:
+            self._turn.give()
+            raise
+        read = self._reads[self._reading]
+        self._requests += 1
+        self._read_started = now = self.now()
+        self._in_flight = answer = wire.read(read.start, read.count)
+        loop = self._loop
+        assert loop is not None  # set by run()
+        self._deadline = loop.call_at(now + self.config.timeout_s, answer.cancel)
+        answer.add_done_callback(self._read_done)
+
+    def _read_done(self, answer: asyncio.Future[list[int] | Refusal]) -> None:
+        self._turn.give()
+        self._finished += 1
+        if answer is not self._in_flight:  # the polls stopped meanwhile
+            return
+        assert self._deadline is not None
+        self._deadline.cancel()
+        self._in_flight = self._deadline = None
+        self._step(self._take_read, answer)
+
+    def _take_read(self, answer: asyncio.Future[list[int] | Refusal]) -> None:
+        what, started = self._read_what[self._reading], self._read_started
+        if answer.cancelled():  # its deadline
+            timeout = self.config.timeout_s
+            self._poll_done(self._timed_out(f"{what}: no answer within {timeout} s", started))
+        else:
+            error = answer.exception()
+            if isinstance(error, WireError):
+                raise self._wire_failed(what, error, started) from error
+            words = answer.result()
+            self._answered(what, words, started)
+            read = self._reads[self._reading]
+            self._take_words(read, words, self.now(), resync=False)
+            self._reading += 1
+            if self._reading < len(self._reads):
+                self._take_turn()
+                return
+            self._poll_done(None)
+        loop = self._loop
+        assert loop is not None  # set by run()
+        self._poll_timer = loop.call_at(self._next_poll, self._step, self._tick)
+
+    def _take_words(
+        self, read: BlockRead, words: list[int] | Refusal, at: float, resync: bool
+    ) -> None:
+        if isinstance(words, Refusal) or len(words) != read.count:
+            problem = (
+                f"refused with {words}"
+                if isinstance(words, Refusal)
+                else f"answered {len(words)} registers, expected {read.count}"
+            )
+            for station, offset, _ in read.stations:
+                base = read.start + offset
+                self._violate_station(station, f"read from register {base}: {problem}", at)
+            return
+        for station, offset, capacity in read.stations:
+            self._observe_block(station, words, offset, capacity, at, resync)
 
     def _observe_block(
         self, station: str, words: list[int], offset: int, capacity: int, at: float, resync: bool

@@ -8,6 +8,10 @@ read of 24 registers, built and decoded), and its framer skips an answer with th
 transaction or unit id in silence, where we report it. No deadline lives here: the driver
 awaits each future inside its own ``asyncio.timeout`` scope.
 
+``open_wire`` connects (with ``tls`` configured, Modbus/TCP Security: asyncio's TLS over an SSL
+context of linectl.tls, verification on, the PLC's name checked) and translates a failure to
+connect into linectl's errors; ``closed_reason`` says why a connection ended.
+
 An answer outside the protocol (an unknown protocol id or length, another function code, a
 byte count that does not fit, the wrong unit, a transaction nobody asked for) means the byte
 stream can no longer be trusted: the request fails with ``WireGarbled`` and the connection is
@@ -17,8 +21,16 @@ closed. A late answer to a request the driver gave up on is dropped, as expected
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import struct
+from collections import deque
 from dataclasses import dataclass
+
+from linectl.config import ModbusPlc
+from linectl.errors import ConfigError, PlcConnectionLost
+from linectl.security import PlcSecurityError
+from linectl.tls import client_context, describe_tls_error
 
 # MBAP header: transaction id, protocol id (0 for Modbus), length of what follows, unit id.
 _MBAP = struct.Struct(">HHHB")
@@ -63,6 +75,38 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{_EXCEPTION_NAMES.get(self.code, 'exception')} ({self.code})"
+
+
+class Turn:
+    """Whose turn it is to use the one connection, in the order asked: coroutines (a command's
+    requests) and callbacks (the scheduled poll) alike, which an ``asyncio.Lock`` cannot serve
+    without a task per poll. Whoever takes the turn, or is handed it, holds it until ``give``."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        """Take the turn if it is free; nobody waits while it is (``give`` hands it on)."""
+        if self._held:
+            return False
+        self._held = True
+        return True
+
+    def wait(self) -> asyncio.Future[None]:
+        """After ``take`` failed: a future done when the turn is handed over, its owner then
+        holding it. Cancel it to stop waiting; if it is done already, ``give`` instead."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        return future
+
+    def give(self) -> None:
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():  # not cancelled: its owner holds the turn from now on
+                future.set_result(None)
+                return
+        self._held = False
 
 
 class ModbusWire(asyncio.Protocol):
@@ -204,3 +248,81 @@ class ModbusWire(asyncio.Protocol):
         if self.error is None:
             self.error = exc
         self._fail(WireClosed(str(exc) if exc else "closed by the PLC"))
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+async def open_wire(config: ModbusPlc, name: str, where: str) -> ModbusWire:
+    """A connection to the PLC of ``config`` (``name`` and ``where`` name it in errors), within
+    its ``connect_timeout_s``, TLS handshake included; raises PlcConnectionLost saying why not."""
+    c = config
+    sslctx: ssl.SSLContext | None = None
+    if c.tls is not None:
+        # Files are read at every connect, so rotated certificates take effect on reconnect.
+        try:
+            sslctx = client_context(c.tls, f"plcs.{name}.tls")
+        except ConfigError as exc:
+            raise PlcSecurityError(f"{where}: TLS: {exc}", plc=name) from exc
+    wire = ModbusWire(c.unit_id)
+    tcp_up = False
+
+    def protocol() -> ModbusWire:
+        # asyncio asks for the protocol once TCP is up, before a TLS handshake starts.
+        nonlocal tcp_up
+        tcp_up = True
+        return wire
+
+    try:
+        async with asyncio.timeout(c.connect_timeout_s):
+            await asyncio.get_running_loop().create_connection(
+                protocol,
+                c.host,
+                c.port,
+                ssl=sslctx,
+                # The name the PLC's certificate must carry.
+                server_hostname=None if c.tls is None else c.tls.server_hostname or c.host,
+            )
+    except TimeoutError as exc:
+        wire.close()
+        if sslctx is not None and tcp_up:  # TCP is up: the handshake is what hangs
+            raise PlcConnectionLost(
+                f"{where}: TLS handshake: no answer within {c.connect_timeout_s} s "
+                f"(a plaintext Modbus TCP port?)",
+                plc=name,
+            ) from exc
+        raise PlcConnectionLost(
+            f"{where}: connect timeout after {c.connect_timeout_s} s", plc=name
+        ) from exc
+    except OSError as exc:
+        wire.close()
+        if isinstance(exc, ssl.SSLError) or tcp_up:
+            # An SSLError's errno is OpenSSL's, not the system's: never os.strerror it.
+            raise PlcSecurityError(f"{where}: TLS: {describe_tls_error(exc)}", plc=name) from exc
+        # asyncio words it "Connect call failed (host, port)": say why, not where.
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise PlcConnectionLost(f"{where}: connect failed: {why}", plc=name) from exc
+    return wire
+
+
+def closed_reason(wire: ModbusWire | None, config: ModbusPlc, name: str) -> str:
+    """Why the connection to PLC ``name`` ended, as far as we can tell."""
+    error = wire.error if wire is not None else None
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {describe_tls_error(error)}"
+    if isinstance(error, WireGarbled):
+        return f"protocol error: {error}"
+    if wire is not None and wire.answered:
+        return "connection closed by the PLC"
+    if config.tls is not None:
+        # TLS 1.3 checks our certificate after our side of the handshake is done; a PLC that
+        # refuses it may just close the connection.
+        return (
+            "the PLC closed the connection after the TLS handshake, before answering: it "
+            f"refused our certificate (is plcs.{name}.tls.certificate issued by a CA the PLC "
+            "trusts?)"
+        )
+    return (
+        "the PLC closed the connection before answering: does this port expect TLS "
+        f"(Modbus/TCP Security)? Then configure plcs.{name}.tls"
+    )

@@ -15,7 +15,7 @@ import pytest
 from linectl.config import Line, parse_config
 from linectl.contract import SlotStatus, command_words, encode_header, encode_slot_status
 from linectl.drivers.core import next_poll_at
-from linectl.drivers.modbus_wire import ModbusWire, Refusal, WireClosed, WireGarbled
+from linectl.drivers.modbus_wire import ModbusWire, Refusal, Turn, WireClosed, WireGarbled
 from tests.helpers import eventually
 from tests.test_modbus_driver import running
 
@@ -300,3 +300,45 @@ def test_a_late_poll_takes_its_own_grid_point_and_skips_those_it_passed():
     assert next_poll_at(1.0, 1.01, 0.1) == pytest.approx(1.1)  # on time
     assert next_poll_at(1.0, 1.25, 0.1) == pytest.approx(1.3)  # 1.1 and 1.2 skipped
     assert next_poll_at(1.0, 1.1, 0.1) == pytest.approx(1.2)
+
+
+async def test_the_turn_is_handed_in_the_order_asked_skipping_those_who_gave_up():
+    turn = Turn()
+    assert turn.take() and not turn.take()
+    first, gave_up, last = turn.wait(), turn.wait(), turn.wait()
+    gave_up.cancel()
+    turn.give()
+    assert first.done() and not last.done()  # the first now holds the turn
+    turn.give()
+    assert last.done()
+    turn.give()
+    assert turn.take()  # free again
+
+
+async def test_waiting_for_a_turn_that_never_changes_hands_gives_up_and_leaves_no_claim():
+    turn = Turn()
+    assert turn.take()
+    assert not await turn.acquire(0.01)  # the holder never gives it: no progress
+    turn.give()  # the holder is done: nobody is left in line
+    assert turn.take()
+
+
+async def test_each_scheduled_read_gets_its_whole_deadline_then_half_open_is_told():
+    """The polls share one deadline timer, armed by an earlier read: a read that is never
+    answered still waits its own ``timeout_s`` from when it was sent, and two in a row end
+    the connection as half-open."""
+    loop = asyncio.get_running_loop()
+    timeout = LINE.plcs["p"].timeout_s
+    arrivals: list[float] = []
+
+    def then_silent(tid: int, unit: int, pdu: bytes) -> bytes:
+        arrivals.append(loop.time())
+        return frame(tid, station_block(tid), unit=unit) if len(arrivals) <= 10 else b""
+
+    async with plc(then_silent) as (port, _), running(line_at(port)) as (_, events):
+        lost = await events.connection(False)
+    assert "no answer to 2 requests in a row (half-open connection?)" in lost.reason
+    assert len(arrivals) == 12
+    # Each from its arrival, a hair after it was sent.
+    assert arrivals[11] - arrivals[10] >= 0.95 * timeout
+    assert lost.at - arrivals[11] >= 0.95 * timeout

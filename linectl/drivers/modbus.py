@@ -3,12 +3,9 @@
 Registers are numbered as on the wire and in the config: 0-based holding register addresses
 (register 104 is 40105 in the 4xxxx notation of some PLC tools). Error messages use that number.
 
-The bytes are linectl.drivers.modbus_wire's: a plain asyncio protocol with one request in
-flight, no library reconnect or retry, so every deadline is an ``asyncio.timeout`` scope of this
-module and ``run()`` alone decides when to reconnect.
-
-With ``tls`` configured the connection is Modbus/TCP Security: the same protocol over an SSL
-context of linectl.tls (verification on, mutual auth), and TLS failures are told as such.
+The connection (plain, or Modbus/TCP Security with ``tls``) is linectl.drivers.modbus_wire's: no
+library reconnect or retry, so every deadline is this module's (``asyncio.timeout`` scopes for
+commands, one timer for the scheduled polls) and ``run()`` alone decides when to reconnect.
 Whatever the transport, the driver writes nothing but the command areas of its stations
 (``write_allow_list``); any other write is refused before it is sent.
 """
@@ -40,7 +37,13 @@ from linectl.contract import (
 )
 from linectl.drivers.base import EventSink
 from linectl.drivers.core import DriverCore, next_poll_at
-from linectl.drivers.modbus_map import BlockRead, WriteArea, plan_reads, write_allow_list
+from linectl.drivers.modbus_map import (
+    BlockRead,
+    WriteArea,
+    outside_allow_list,
+    plan_reads,
+    write_allow_list,
+)
 from linectl.drivers.modbus_wire import (
     ModbusWire,
     Refusal,
@@ -107,7 +110,6 @@ class ModbusDriver(DriverCore):
         self._in_flight: asyncio.Future[list[int] | Refusal] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._poll_turn: asyncio.Future[None] | None = None
-        self._finished = 0  # requests finished (answered or not) on this driver: progress
         self._raw: dict[str, list[int]] = {}  # each station's block as last decoded
         # What each poll's read is called in a message, built once.
         self._read_what = [
@@ -155,9 +157,6 @@ class ModbusDriver(DriverCore):
         if wire is not None:
             wire.close()
 
-    def _closed_reason(self) -> str:
-        return closed_reason(self._wire, self.config, self.name)
-
     # --- requests: the one place wire errors are translated ----------------------------------
 
     async def _request(
@@ -179,19 +178,23 @@ class ModbusDriver(DriverCore):
                 raise self._timed_out(f"{what}: no answer within {timeout} s", started) from exc
             except WireError as exc:
                 raise self._wire_failed(what, exc, started) from exc
-            finally:
-                self._finished += 1
         finally:
             self._turn.give()
         self._answered(what, answer, started)
         return answer
+
+    def _closed_reason(self) -> str:
+        return closed_reason(self._wire, self.config, self.name)
 
     def _usable_wire(self, what: str) -> ModbusWire:
         wire = self._wire
         if wire is None:
             raise PlcConnectionLost(f"{self.where}: {what}: not connected", plc=self.name)
         if wire.closed:
-            raise PlcConnectionLost(f"{self.where}: {what}: {self._closed_reason()}", plc=self.name)
+            raise PlcConnectionLost(
+                f"{self.where}: {what}: {self._closed_reason()}",
+                plc=self.name,
+            )
         return wire
 
     def _wire_failed(self, what: str, exc: WireError, started: float) -> PlcConnectionLost:
@@ -208,33 +211,12 @@ class ModbusDriver(DriverCore):
 
     async def _acquire(self, what: str) -> None:
         """Wait for the one connection, in turn. The deadline is ``timeout_s`` without progress:
-        a request ahead that finishes restarts it, so a queue of commands behind a slow but
-        working link never times out, while one behind a request that hangs does."""
-        turn = self._turn
-        if turn.take():
-            return
+        a request ahead that finishes restarts it (``Turn.acquire``)."""
         timeout = self.config.timeout_s
         waiting = self.now()
-        handed = turn.wait()
-        acquired = False
-        try:
-            while True:
-                finished = self._finished
-                done, _ = await asyncio.wait({handed}, timeout=timeout)
-                if done:
-                    acquired = True
-                    return
-                if self._finished == finished:
-                    raise PlcTimeout(
-                        self._failed(
-                            f"{what}: waited {timeout} s behind a request that did not finish",
-                            started=waiting,
-                        ),
-                        plc=self.name,
-                    )
-        finally:
-            if not acquired and not handed.cancel():
-                turn.give()  # handed to us just as we gave up (or were cancelled): pass it on
+        if not await self._turn.acquire(timeout):
+            message = f"{what}: waited {timeout} s behind a request that did not finish"
+            raise PlcTimeout(self._failed(message, started=waiting), plc=self.name)
 
     async def _read(self, first: int, count: int, what: str) -> list[int] | Refusal:
         answer = await self._request(what, lambda wire: wire.read(first, count))
@@ -291,21 +273,34 @@ class ModbusDriver(DriverCore):
             raise
         read = self._reads[self._reading]
         self._requests += 1
-        self._read_started = now = self.now()
+        self._read_started = self.now()
         self._in_flight = answer = wire.read(read.start, read.count)
-        loop = self._loop
-        assert loop is not None  # set by run()
-        self._deadline = loop.call_at(now + self.config.timeout_s, answer.cancel)
+        if self._deadline is None:
+            self._arm_deadline()
         answer.add_done_callback(self._read_done)
+
+    def _arm_deadline(self) -> None:
+        deadline = self._read_started + self.config.timeout_s
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_at(deadline, self._step, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        """The one deadline timer of the scheduled reads, left running from one read to the
+        next (a timer per read was a tenth of a poll's CPU on uvloop): it fails the read in
+        flight once that read's own deadline has passed, and otherwise waits for it."""
+        self._deadline = None
+        if self._in_flight is None:
+            return  # answered: the next read arms it again
+        if self.now() >= self._read_started + self.config.timeout_s:
+            self._in_flight.cancel()  # _read_done tells the timeout
+        else:
+            self._arm_deadline()
 
     def _read_done(self, answer: asyncio.Future[list[int] | Refusal]) -> None:
         self._turn.give()
-        self._finished += 1
         if answer is not self._in_flight:  # the polls stopped meanwhile
             return
-        assert self._deadline is not None
-        self._deadline.cancel()
-        self._in_flight = self._deadline = None
+        self._in_flight = None
         self._step(self._take_read, answer)
 
     def _take_read(self, answer: asyncio.Future[list[int] | Refusal]) -> None:
@@ -326,8 +321,7 @@ class ModbusDriver(DriverCore):
                 self._take_turn()
                 return
             self._poll_done(None)
-        loop = self._loop
-        assert loop is not None  # set by run()
+        loop = asyncio.get_running_loop()
         self._poll_timer = loop.call_at(self._next_poll, self._step, self._tick)
 
     def _take_words(
@@ -453,10 +447,10 @@ class ModbusDriver(DriverCore):
         """Every write this driver makes goes through here, and is refused before anything is
         sent unless it lies within one command area of the allow-list."""
         end = address + len(words)
-        if not words or not any(a.start <= address and end <= a.end for a in self._writable):
+        outside = outside_allow_list(self._writable, address, end)
+        if outside:
             message = self._failed(
-                f"{what}: write of registers {address}..{end - 1} refused, not sent: "
-                f"{self._outside_allow_list(address, end)}"
+                f"{what}: write of registers {address}..{end - 1} refused, not sent: {outside}"
             )
             raise ProtocolViolation(message, plc=self.name, station=station)
         answer = await self._request(
@@ -464,15 +458,6 @@ class ModbusDriver(DriverCore):
         )
         if isinstance(answer, Refusal):
             raise ProtocolViolation(self._last_error, plc=self.name, station=station)
-
-    def _outside_allow_list(self, start: int, end: int) -> str:
-        if not self._writable:
-            return "this PLC has no stations, so linectl writes nothing to it"
-        nearest = min(self._writable, key=lambda a: max(a.start - end, start - a.end, 0))
-        return (
-            f"linectl writes only within one command area of this PLC's stations "
-            f"(nearest: {nearest})"
-        )
 
     async def _read_slot(self, station: str, slot: int) -> SlotStatus:
         base = self._base[station]

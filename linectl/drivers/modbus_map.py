@@ -68,3 +68,16 @@ def write_allow_list(stations: Mapping[str, Station]) -> tuple[WriteArea, ...]:
             first = command_address(int(st.address), slot)
             areas.append(WriteArea(first, first + COMMAND_WORDS, name, slot))
     return tuple(sorted(areas, key=lambda a: a.start))
+
+
+def outside_allow_list(areas: tuple[WriteArea, ...], start: int, end: int) -> str:
+    """Why a write of registers ``start``..``end - 1`` lies outside ``areas`` (an allow-list),
+    naming the nearest area; "" when it lies within one of them."""
+    if start < end and any(a.start <= start and end <= a.end for a in areas):
+        return ""
+    if not areas:
+        return "this PLC has no stations, so linectl writes nothing to it"
+    nearest = min(areas, key=lambda a: max(a.start - end, start - a.end, 0))
+    return (
+        f"linectl writes only within one command area of this PLC's stations (nearest: {nearest})"
+    )

@@ -85,6 +85,7 @@ class Turn:
     def __init__(self) -> None:
         self._held = False
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self._passes = 0  # times the turn was given: progress, for ``acquire``'s patience
 
     def take(self) -> bool:
         """Take the turn if it is free; nobody waits while it is (``give`` hands it on)."""
@@ -100,7 +101,29 @@ class Turn:
         self._waiting.append(future)
         return future
 
+    async def acquire(self, patience: float) -> bool:
+        """Take the turn, in line behind the others. False, not holding it, once ``patience``
+        seconds pass without the turn changing hands: a queue behind a slow but working link
+        keeps waiting, one behind a request that hangs gives up."""
+        if self.take():
+            return True
+        handed = self.wait()
+        acquired = False
+        try:
+            while True:
+                passes = self._passes
+                done, _ = await asyncio.wait({handed}, timeout=patience)
+                if done:
+                    acquired = True
+                    return True
+                if self._passes == passes:
+                    return False
+        finally:
+            if not acquired and not handed.cancel():
+                self.give()  # handed to us just as we gave up (or were cancelled): pass it on
+
     def give(self) -> None:
+        self._passes += 1
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():  # not cancelled: its owner holds the turn from now on

@@ -17,6 +17,9 @@ every read on the system-wide monotonic clock.
   A poll more than half an interval late folds onto the next grid point: **polls/s** (as a
   share of the schedule) shows those skipped.
 - **CPU per poll**: the controller's CPU divided by the reads the PLCs answered.
+- **answer**: the mean time from a request to its answer, as the poller saw it. A poller
+  that waits for each answer before its next poll (linectl) misses polls once this nears
+  the interval: then the PLCs, or the cores they share, are the limit, not the poller.
 - **peak RSS**: this process's VmHWM during the row.
 
 The anchors run against the same PLCs in the same run: ``pymodbus`` (one AsyncModbusTcpClient
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import math
 import multiprocessing as mp
+import os
 import struct
 import sys
 import time
@@ -236,13 +240,18 @@ async def linectl_poller(ports: list[int], poll: float):
     sup = Supervisor(parse_config(line_yaml(ports, poll)))
     sup.pause(True)
     task = asyncio.create_task(sup.run(), name="supervisor")
+
+    def answered() -> tuple[int, float]:
+        stats = sup.driver_statistics()
+        return sum(d.requests for d in stats), sum(d.request_seconds_total for d in stats)
+
     try:
         async with asyncio.timeout(60):
             while not all(st.connected for st in sup.stations.values()):
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.1)
-        yield
+        yield answered
     finally:
         sup.stop()
         async with asyncio.timeout(30):
@@ -269,9 +278,11 @@ async def pymodbus_poller(ports: list[int], poll: float):
             try:
                 await client.read_holding_registers(0, count=WORDS, device_id=1)
             except ModbusException:
-                # pymodbus turns a cancellation into ModbusIOException: stop on it.
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise asyncio.CancelledError from None
+                pass  # pymodbus turns a cancellation into ModbusIOException
+            # ... or, awaiting wait_for on Python 3.11, drops a cancellation that arrives with
+            # the answer (cpython gh-86296): the row then hung. Stop on either.
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise asyncio.CancelledError
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -282,7 +293,7 @@ async def pymodbus_poller(ports: list[int], poll: float):
                 for i, c in enumerate(clients)
             ]
             try:
-                yield
+                yield None
             finally:
                 for t in tasks:
                     t.cancel()
@@ -302,6 +313,8 @@ class _RawClient(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.answers = 0
+        self.sent_at = 0.0
+        self.waited = 0.0  # seconds from request to answer, summed
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -313,6 +326,7 @@ class _RawClient(asyncio.Protocol):
 
     def send(self) -> None:
         self.tid = (self.tid + 1) & 0xFFFF
+        self.sent_at = time.monotonic()
         self.transport.write(self.REQUEST.pack(self.tid, 0, 6, 1, 3, 0, WORDS))  # type: ignore[union-attr]
         self.next_at += self.poll
         self.timer = asyncio.get_running_loop().call_at(self.next_at, self.send)
@@ -326,6 +340,7 @@ class _RawClient(asyncio.Protocol):
             if fc == 3 and tid == self.tid:
                 struct.unpack_from(f">{size // 2}H", buf, 9)  # decode, as a poller must
                 self.answers += 1
+                self.waited += time.monotonic() - self.sent_at
             buf = buf[6 + length :]
         self.buffer = buf
 
@@ -337,8 +352,12 @@ async def raw_poller(ports: list[int], poll: float):
     now = loop.time()
     for i, (_, proto) in enumerate(made):
         proto.start(now + poll * i / len(made))
+
+    def answered() -> tuple[int, float]:
+        return sum(p.answers for _, p in made), sum(p.waited for _, p in made)
+
     try:
-        yield
+        yield answered
     finally:
         for transport, proto in made:
             if proto.timer is not None:
@@ -362,6 +381,7 @@ class Result:
     late_p50_ms: float
     late_p99_ms: float
     peak_rss_mb: float
+    answer_ms: float = math.nan  # mean time from a request to its answer, as the poller saw it
 
     @property
     def cpu_us_per_poll(self) -> float:
@@ -378,16 +398,19 @@ async def _measure(poller: str, ports: list[int], pipes: list[Connection], secon
 
 
 async def _measured(poller: str, ports: list[int], pipes: list[Connection], seconds: float):
-    async with POLLERS[poller](ports, POLL_S):
+    async with POLLERS[poller](ports, POLL_S) as answered:
         await asyncio.sleep(WARMUP_S)
         reset_peak_rss()
         _send_all(pipes, "record")
+        a0 = answered() if answered else (0, 0.0)
         t0, c0 = time.monotonic(), time.process_time()
         await asyncio.sleep(seconds)
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
+        a1 = answered() if answered else (0, 0.0)
         arrivals = await _arrivals(pipes)
         rss = peak_rss_mb()
     late, polls = lateness(arrivals, POLL_S)
+    answers = a1[0] - a0[0]
     return Result(
         poller,
         len(ports),
@@ -397,6 +420,7 @@ async def _measured(poller: str, ports: list[int], pipes: list[Connection], seco
         percentile(late, 0.5) * 1000,
         percentile(late, 0.99) * 1000,
         rss,
+        (a1[1] - a0[1]) / answers * 1000 if answers else math.nan,
     )
 
 
@@ -406,6 +430,10 @@ def measure(poller: str, plcs: int, seconds: float, *, loop: str | None = None) 
 
     with simulators(plcs) as (ports, pipes):
         return aio.run(_measure(poller, ports, pipes, seconds), loop=loop)
+
+
+def _ms(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f} ms"
 
 
 def main() -> None:
@@ -420,7 +448,7 @@ def main() -> None:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     print(
         f"{'poller':9} {'PLCs':>5} {'CPU':>5} {'us/poll':>8} {'late p50':>9} {'p99':>7} "
-        f"{'polls':>6} {'RSS MB':>7}"
+        f"{'polls':>6} {'answer':>7} {'RSS MB':>7}  load"
     )
     for plcs in args.plcs or [500, 1000, 2000]:
         for poller in args.poller or ["linectl"]:
@@ -428,7 +456,7 @@ def main() -> None:
             print(
                 f"{poller:9} {plcs:>5} {r.cpu_share:>5.0%} {r.cpu_us_per_poll:>8.0f} "
                 f"{r.late_p50_ms:>7.1f}ms {r.late_p99_ms:>5.1f}ms {r.schedule_share:>6.0%} "
-                f"{r.peak_rss_mb:>7.0f}",
+                f"{_ms(r.answer_ms):>7} {r.peak_rss_mb:>7.0f}  {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
 
@@ -446,6 +474,7 @@ def _figures(r: Result) -> dict[str, str]:
         "CPU/poll": f"{r.cpu_us_per_poll:.0f} us",
         "lateness p50/p99": f"{r.late_p50_ms:.1f} / {r.late_p99_ms:.1f} ms",
         "polls on schedule": f"{r.schedule_share:.0%}",
+        "answer (mean)": _ms(r.answer_ms),
         "peak RSS": f"{r.peak_rss_mb:.0f} MB",
     }
 

@@ -283,12 +283,11 @@ class _SnapshotStore:
             for u in self.snap.units
         ]
 
-    async def _nothing(self, *_args: Any) -> None:
-        return None
+    def put_nowait(self, kind: str, *args: Any) -> None:
+        pass
 
-    flush = unit_released = step_intended = step_accepted = step_finished = _nothing
-    unit_finished = unit_quarantined = quarantine_released = station_event = _nothing
-    operator_action = _nothing
+    async def flush(self) -> None:
+        return None
 
 
 def residual_cycle(station: Station, elapsed_s: float, rng: random.Random) -> tuple[float, int]:

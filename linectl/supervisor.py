@@ -1,9 +1,9 @@
 """The supervisor: the dispatcher's decisions carried out against real PLCs.
 
 It composes a ``Dispatcher`` (every decision, no I/O) with what it lacks: the drivers (one per
-PLC), the journal's writer task and the command tasks, all in one TaskGroup. It is the
-dispatcher's command port (``send_start``, ``send_reset``): it sends each command until the PLC
-echoes its sequence number and reports the outcome back; it turns driver events into slot
+PLC) and the command tasks, all in one TaskGroup. It is the dispatcher's command port
+(``send_start``, ``send_reset``): it sends each command until the PLC echoes its sequence
+number and reports the outcome back; it turns driver events into slot
 statuses for the dispatcher; and on start it puts the journal's open units back in the line
 (recovery.py) and settles their open steps with the PLCs.
 
@@ -129,16 +129,12 @@ class Supervisor:
             ]
             for tok, slot in resumes:
                 self._spawn(self._resume(tok, slot))
-            journal = tg.create_task(d.journal.run(), name="journal")
             background.append(tg.create_task(d.run(), name="dispatch"))
             await d.wait_stopping()
             await self._drain()
             for task in [*self._commands, *background]:
                 task.cancel()
-            # Commit what is journalled while the journal's task still runs: it is the one
-            # that hands writes to the store, so flushing after cancelling it would wait forever.
             await d.journal.flush()
-            journal.cancel()
         self._tg = None
 
     def stop(self) -> None:

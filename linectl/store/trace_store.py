@@ -16,14 +16,15 @@ without someone hearing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -85,6 +86,50 @@ def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     return value
+
+
+Row = dict[str, Any]
+P = ParamSpec("P")
+
+
+class _Write:
+    """A write method of TraceStore: ``row`` builds (and validates) the row for ``table``;
+    calling it queues the row, waiting for room, and for the commit when ``durable``."""
+
+    def __init__(self, table: str, row: Callable[..., Row], durable: bool, doc: str | None) -> None:
+        self.table = table
+        self.row = row
+        self.durable = durable
+        functools.update_wrapper(self, row)
+        if doc is not None:
+            self.__doc__ = doc
+
+    def __get__(self, store: TraceStore | None, owner: type) -> Any:
+        if store is None:
+            return self
+        return functools.partial(self, store)
+
+    async def __call__(self, store: TraceStore, *args: Any, **kwargs: Any) -> None:
+        await store._submit(self.table, self.row(store, *args, **kwargs), durable=self.durable)
+
+
+_WRITES: dict[str, _Write] = {}  # by method name, for put_nowait
+
+
+def _write(
+    table: str, *, durable: bool = False, name: str | None = None, doc: str | None = None
+) -> Callable[
+    [Callable[Concatenate[TraceStore, P], Row]],
+    Callable[Concatenate[TraceStore, P], Coroutine[Any, Any, None]],
+]:
+    """Make a row builder the async write method of the same name (see ``_Write``)."""
+
+    def make(row: Callable[Concatenate[TraceStore, P], Row]) -> Any:
+        write = _Write(table, row, durable, doc)
+        _WRITES[name or row.__name__] = write
+        return write
+
+    return make
 
 
 class TraceStore:
@@ -364,21 +409,39 @@ class TraceStore:
         self._room.set()
 
     # --- Writes -------------------------------------------------------------------------------
+    #
+    # Each write method below is written as the row it queues (validating its arguments);
+    # ``_write`` makes it the async method that queues the row, waiting for room in a full
+    # queue, and ``put_nowait`` queues the same row at once.
 
-    async def unit_released(self, unit_id: int, serial: str, at: datetime) -> None:
+    def put_nowait(self, kind: str, *args: Any) -> None:
+        """Queue the write ``kind`` (the name of a write method below, with its arguments) at
+        once, without waiting for room, in order with every other write.
+
+        For the journal, which writes from plain code on the dispatcher's path: the queue may
+        pass ``queue_size`` between two commits, but every START waits for its durable intent,
+        which waits for the commit that takes the whole queue, so the line never runs more
+        than one batch ahead of the disk.
+        """
+        self._check_writable()
+        write = _WRITES[kind]
+        self._queue.put((write.table, write.row(self, *args), None))
+        self._put += 1
+        self._writes_queued += 1
+
+    @_write("unit_released")
+    def unit_released(self, unit_id: int, serial: str, at: datetime) -> Row:
         """A unit entered the line."""
-        await self._submit(
-            "unit_released",
-            {
-                "line": self.line,
-                "unit_id": _int(unit_id, "unit_id", 1),
-                "serial": serial,
-                "status": "in_line",
-                "released_at": _utc(at, "at"),
-            },
-        )
+        return {
+            "line": self.line,
+            "unit_id": _int(unit_id, "unit_id", 1),
+            "serial": serial,
+            "status": "in_line",
+            "released_at": _utc(at, "at"),
+        }
 
-    async def step_commanded(
+    @_write("step_commanded", durable=True)
+    def step_commanded(
         self,
         unit_id: int,
         station: str,
@@ -387,67 +450,39 @@ class TraceStore:
         seq: int,
         at: datetime,
         branch: str | None = None,
-    ) -> None:
+    ) -> Row:
         """Write-ahead intent: returns once the step is committed, so the PLC may be commanded.
 
         ``branch`` is the route choice that sent the unit here (``"flow[0]=1"``); it is
         appended to the unit's branches, separated by ``;``.
         """
-        await self._step_intent(unit_id, station, slot, attempt, seq, at, branch, durable=True)
+        return {
+            "line": self.line,
+            "unit_id": _int(unit_id, "unit_id", 1),
+            "station": station,
+            "slot": _int(slot, "slot", 0),
+            "attempt": _int(attempt, "attempt", 1),
+            "seq": _int(seq, "seq", 0),
+            "commanded_at": _utc(at, "at"),
+            "status": "commanded",
+            "fault_code": 0,
+            "b_branch": branch or None,
+        }
 
-    async def step_intended(
-        self,
-        unit_id: int,
-        station: str,
-        slot: int,
-        attempt: int,
-        seq: int,
-        at: datetime,
-        branch: str | None = None,
-    ) -> None:
-        """Like step_commanded, but returns once queued: durable only after ``flush()``.
+    step_intended = _write(
+        "step_commanded",
+        name="step_intended",
+        doc="Like step_commanded, but returns once queued: durable only after ``flush()``. For "
+        "a caller that gathers several intents and makes them durable with one flush.",
+    )(step_commanded.row)
 
-        For a caller that gathers several intents and makes them durable with one flush.
-        """
-        await self._step_intent(unit_id, station, slot, attempt, seq, at, branch, durable=False)
-
-    async def _step_intent(
-        self,
-        unit_id: int,
-        station: str,
-        slot: int,
-        attempt: int,
-        seq: int,
-        at: datetime,
-        branch: str | None,
-        *,
-        durable: bool,
-    ) -> None:
-        await self._submit(
-            "step_commanded",
-            {
-                "line": self.line,
-                "unit_id": _int(unit_id, "unit_id", 1),
-                "station": station,
-                "slot": _int(slot, "slot", 0),
-                "attempt": _int(attempt, "attempt", 1),
-                "seq": _int(seq, "seq", 0),
-                "commanded_at": _utc(at, "at"),
-                "status": "commanded",
-                "fault_code": 0,
-                "b_branch": branch or None,
-            },
-            durable=durable,
-        )
-
-    async def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> None:
+    @_write("step_accepted")
+    def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> Row:
         """The PLC echoed the step's sequence number: the station started it."""
-        await self._submit(
-            "step_accepted",
-            {**self._step_key(unit_id, station, attempt), "accepted_at": _utc(at, "at")},
-        )
+        return {**self._step_key(unit_id, station, attempt), "accepted_at": _utc(at, "at")}
 
-    async def step_finished(
+    @_write("step_finished")
+    def step_finished(
         self,
         unit_id: int,
         station: str,
@@ -456,67 +491,54 @@ class TraceStore:
         result: str,
         fault_code: int = 0,
         plc_cycle_s: float | None = None,
-    ) -> None:
+    ) -> Row:
         """The step ended: pass or reject (done), or fault, refused, abandoned (failed)."""
         _one_of(result, STEP_RESULTS, "result")
-        await self._submit(
-            "step_finished",
-            {
-                **self._step_key(unit_id, station, attempt),
-                "finished_at": _utc(at, "at"),
-                "status": "done" if result in DONE_RESULTS else "failed",
-                "result": result,
-                "fault_code": _int(fault_code, "fault_code", 0),
-                "plc_cycle_s": None if plc_cycle_s is None else float(plc_cycle_s),
-            },
-        )
+        return {
+            **self._step_key(unit_id, station, attempt),
+            "finished_at": _utc(at, "at"),
+            "status": "done" if result in DONE_RESULTS else "failed",
+            "result": result,
+            "fault_code": _int(fault_code, "fault_code", 0),
+            "plc_cycle_s": None if plc_cycle_s is None else float(plc_cycle_s),
+        }
 
-    async def unit_finished(self, unit_id: int, at: datetime) -> None:
-        await self._submit(
-            "unit_finished", {**self._unit_key(unit_id), "finished_at": _utc(at, "at")}
-        )
+    @_write("unit_finished")
+    def unit_finished(self, unit_id: int, at: datetime) -> Row:
+        return {**self._unit_key(unit_id), "finished_at": _utc(at, "at")}
 
-    async def unit_quarantined(self, unit_id: int, reason: str, at: datetime) -> None:
-        await self._submit(
-            "unit_quarantined",
-            {**self._unit_key(unit_id), "reason": reason, "quarantined_at": _utc(at, "at")},
-        )
+    @_write("unit_quarantined")
+    def unit_quarantined(self, unit_id: int, reason: str, at: datetime) -> Row:
+        return {**self._unit_key(unit_id), "reason": reason, "quarantined_at": _utc(at, "at")}
 
-    async def quarantine_released(self, unit_id: int, at: datetime) -> None:
+    @_write("quarantine_released")
+    def quarantine_released(self, unit_id: int, at: datetime) -> Row:
         """A quarantined unit goes back into the line."""
-        await self._submit(
-            "quarantine_released", {**self._unit_key(unit_id), "q_released_at": _utc(at, "at")}
-        )
+        return {**self._unit_key(unit_id), "q_released_at": _utc(at, "at")}
 
-    async def station_event(
+    @_write("station_event")
+    def station_event(
         self, station: str, kind: str, at: datetime, state: int | None = None, detail: str = ""
-    ) -> None:
-        await self._submit(
-            "station_event",
-            {
-                "line": self.line,
-                "station": station,
-                "at": _utc(at, "at"),
-                "kind": _one_of(kind, EVENT_KINDS, "kind"),
-                "state": state,
-                "detail": detail,
-            },
-        )
+    ) -> Row:
+        return {
+            "line": self.line,
+            "station": station,
+            "at": _utc(at, "at"),
+            "kind": _one_of(kind, EVENT_KINDS, "kind"),
+            "state": state,
+            "detail": detail,
+        }
 
-    async def operator_action(
-        self, action: str, target: str, at: datetime, detail: str = ""
-    ) -> None:
+    @_write("operator_action")
+    def operator_action(self, action: str, target: str, at: datetime, detail: str = "") -> Row:
         """An operator's action (pause, resume, a station in or out of service, a release)."""
-        await self._submit(
-            "operator_action",
-            {
-                "line": self.line,
-                "at": _utc(at, "at"),
-                "action": _one_of(action, OPERATOR_ACTIONS, "action"),
-                "target": target,
-                "detail": detail,
-            },
-        )
+        return {
+            "line": self.line,
+            "at": _utc(at, "at"),
+            "action": _one_of(action, OPERATOR_ACTIONS, "action"),
+            "target": target,
+            "detail": detail,
+        }
 
     async def flush(self) -> None:
         """Return once every write queued so far is committed."""

@@ -159,10 +159,15 @@ class Supervisor:
         at = d.clock.of_loop(event.at)  # drivers stamp events with the loop's clock
         if isinstance(event, SlotUpdate):
             st = d.stations[event.station]
+            slot = st.slots[event.slot]
+            if not st.violation and slot.status == event.status:
+                # What a command's echo already showed (the driver's next read of the slot
+                # repeats it): nothing changed, so no line-state update and no dispatch pass.
+                return
             # A driver reports a violation once and then withholds the slot until its values
             # are back in the contract, so any update means the station is trustworthy again.
             st.violation = ""
-            d.slot_changed(st.slots[event.slot], event.status, at)
+            d.slot_changed(slot, event.status, at)
             st.last_state = st.slots[0].status.state if st.slots[0].status else State.UNDEFINED
         elif isinstance(event, ConnectionChange):
             for st in d.stations.values():

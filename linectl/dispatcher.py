@@ -107,6 +107,8 @@ class Dispatcher:
             st.changed = self._touched
         self.events = EventHub()
         self._line_seen: tuple[int, int, int, int, bool] | None = None
+        # What the last event of each station showed (its ``_picture``), while anyone listens.
+        self._shown: dict[StationState, tuple] = {}
         self.max_wip = line.release.max_wip or sum(s.capacity for s in line.stations.values())
         self.units: dict[int, Unit] = {}  # in the line
         self.quarantined: dict[int, Unit] = {}
@@ -122,10 +124,16 @@ class Dispatcher:
         self.handovers = Recent()
         self.lead_hist = Histogram()
         self.handover_hist = Histogram()
-        self.on_event: Callable[[], None] | None = None  # tests hook invariant checks here
+        # Called after every dispatch pass (every change is followed by one): tests hook
+        # invariant checks here, ``linectl compare`` its recorder.
+        self.on_event: Callable[[], None] | None = None
         self._route_state: dict[int, RouteState] = {id(r): RouteState() for r in self.flow.routes}
         self._waiting = Waiting()  # tokens with somewhere to go, queued per target
-        self._kick = asyncio.Event()
+        # A pass is due (``kick``), and the call that runs it once the loop gets to it; the
+        # future ``run`` waits on, which a failing pass fails.
+        self._due = False
+        self._pass_call: asyncio.Handle | None = None
+        self._running: asyncio.Future[None] | None = None
         self._stopping = asyncio.Event()
         self._change = asyncio.Event()  # set on every change, for whoever waits for one
         self._last_release = -float("inf")
@@ -140,16 +148,36 @@ class Dispatcher:
     # --- running -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Dispatch passes, one whenever something changed, until cancelled."""
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
+        """Dispatch passes until cancelled: one in the turn of the event loop after anything
+        changed, however many changes arrived in the turn before (``kick``)."""
+        self._running = asyncio.get_running_loop().create_future()
+        try:
+            if self._due:
+                self._scheduled_pass()
+            await self._running
+        finally:
+            if self._pass_call is not None:
+                self._pass_call.cancel()
+                self._pass_call = None
+            self._running = None
+
+    def _scheduled_pass(self) -> None:
+        self._pass_call = None
+        if self._running is None or self._running.done():
+            # ``run`` was cancelled (cancelling its task cancels the future it waits on at
+            # once): no pass after that, as none could follow a cancelled task's last await.
+            return
+        self._due = False
+        try:
             self.dispatch()
+        except Exception as exc:  # raised by ``run``, so the supervisor's TaskGroup sees it
+            if self._running is not None and not self._running.done():
+                self._running.set_exception(exc)
 
     def stop(self) -> None:
         """Stop releasing units (the supervisor then drains what is in process)."""
         self._stopping.set()
-        self._kick.set()
+        self.kick()
 
     @property
     def stopping(self) -> bool:
@@ -474,14 +502,15 @@ class Dispatcher:
         return self._pass
 
     def kick(self) -> None:
-        """Ask for a dispatch pass (the service watchdog's probe of the dispatch loop)."""
-        self._kick.set()
+        """Ask for a dispatch pass (also the service watchdog's probe of the dispatch loop).
+        Passes asked for in one turn of the event loop are one pass, in the next turn."""
+        self._due = True
+        if self._pass_call is None and self._running is not None:
+            self._pass_call = self._running.get_loop().call_soon(self._scheduled_pass)
 
     def changed(self) -> None:
-        if self.on_event is not None:
-            self.on_event()
         self._change.set()
-        self._kick.set()
+        self.kick()
 
     def dispatch(self) -> None:
         now = self.now()
@@ -518,7 +547,7 @@ class Dispatcher:
             self._wake.cancel()
             self._wake = None
         if next_wake < float("inf"):
-            self._wake = self.clock.call_at(next_wake, self._kick.set)
+            self._wake = self.clock.call_at(next_wake, self.kick)
         self._publish(now)
         if self.on_event is not None:
             self.on_event()
@@ -536,11 +565,17 @@ class Dispatcher:
         """One event per station that changed in this pass, and the line's counts if they did."""
         if not self.events.active:
             self._touched.clear()
+            self._shown.clear()
             return
         wall = self.wall(now)
         at = now
         for st in self._touched:
-            self.events.publish(self._station_event(st, at, wall))
+            # A station touched but showing what its last event showed (a status that
+            # changed and changed back, a re-count that counted the same) is not news.
+            picture = self._picture(st)
+            if self._shown.get(st) != picture:
+                self._shown[st] = picture
+                self.events.publish(self._station_event(st, at, wall, picture))
         self._touched.clear()
         counts = self._counts()
         if counts != self._line_seen:
@@ -552,30 +587,58 @@ class Dispatcher:
         subscribes late starts from (a birth certificate, the first page of a view)."""
         now = self.now()
         wall = self.wall(now)
-        stations = {n: self._station_event(st, now, wall) for n, st in self.stations.items()}
+        # The watcher starts from this picture, which may be newer than the last events: the
+        # next pass tells every station it touches, whatever its last event showed.
+        self._shown.clear()
+        stations = {
+            n: self._station_event(st, now, wall, self._picture(st))
+            for n, st in self.stations.items()
+        }
         return LineChanged(*self._counts(), at=now, wall=wall), stations
 
     def _counts(self) -> tuple[int, int, int, int, bool]:
         released = self.released + self.recovered
         return released, self.finished, len(self.quarantined), len(self.units), self.paused
 
-    def _station_event(self, st: StationState, at: float, wall: datetime) -> StationChanged:
+    @staticmethod
+    def _picture(st: StationState) -> tuple:
+        """What a station's event shows, but its time: ``_station_event``'s fields in order."""
         status = st.slots[0].status
         state = status.state if status is not None else State.UNDEFINED
+        return (
+            st.condition.value,
+            state,
+            tuple(s.occupant.unit.serial for s in st.slots if s.occupant),
+            st.load(),
+            st.config.capacity,
+            st.in_service,
+            st.connected,
+            st.cycles,
+            st.passed,
+            st.rejected,
+            st.faults,
+        )
+
+    @staticmethod
+    def _station_event(
+        st: StationState, at: float, wall: datetime, picture: tuple
+    ) -> StationChanged:
+        condition, state, units, load, capacity, in_service, connected, *counts = picture
+        cycles, passed, rejected, faults = counts
         return StationChanged(
             station=st.name,
-            condition=st.condition.value,
+            condition=condition,
             state=int(state),
             state_name=state.label,
-            units=tuple(s.occupant.unit.serial for s in st.slots if s.occupant),
-            load=st.load(),
-            capacity=st.config.capacity,
-            in_service=st.in_service,
-            connected=st.connected,
-            cycles=st.cycles,
-            passed=st.passed,
-            rejected=st.rejected,
-            faults=st.faults,
+            units=units,
+            load=load,
+            capacity=capacity,
+            in_service=in_service,
+            connected=connected,
+            cycles=cycles,
+            passed=passed,
+            rejected=rejected,
+            faults=faults,
             at=at,
             wall=wall,
         )

@@ -149,9 +149,12 @@ class StationState:
 
     @property
     def faulted(self) -> bool:
-        return bool(self.violation) or any(
-            s.status is not None and s.status.state == State.ABORTED for s in self.slots
-        )
+        if self.violation:
+            return True
+        for s in self.slots:
+            if s.status is not None and s.status.state == State.ABORTED:
+                return True
+        return False
 
     @property
     def available(self) -> bool:
@@ -184,27 +187,34 @@ class StationState:
             return Condition.DISCONNECTED
         if self.faulted:
             return Condition.FAULTED
-        phases = {s.occupant.phase for s in self.slots if s.occupant is not None}
-        if Phase.RUNNING in phases or Phase.COMMANDED in phases:
-            return Condition.WORKING
-        if phases:
+        holding = False
+        for s in self.slots:
+            if s.occupant is not None:
+                if s.occupant.phase is Phase.RUNNING or s.occupant.phase is Phase.COMMANDED:
+                    return Condition.WORKING
+                holding = True
+        if holding:
             return Condition.BLOCKED
         return Condition.STARVED if self.in_service else Condition.OUT_OF_SERVICE
 
     def account(self, now: float) -> None:
         """Charge the time since the last change to the current condition, then re-classify."""
-        self.seconds[self.condition] += now - self.since
-        for slot in self.slots:
-            if slot.executing_since is not None:
-                self.busy_slot_seconds += now - max(slot.executing_since, self.since)
-        self.since = now
+        since = self.since
+        # Several changes often come at one instant (always, in virtual time): nothing to
+        # charge then, and adding 0.0 would change no sum.
+        if now != since:
+            self.seconds[self.condition] += now - since
+            for slot in self.slots:
+                if slot.executing_since is not None:
+                    self.busy_slot_seconds += now - max(slot.executing_since, since)
+            self.since = now
         self.condition = self.classify()
         self.changed[self] = None
         for slot in self.slots:
-            running = slot.occupant is not None and slot.occupant.phase == Phase.RUNNING
-            if running and slot.executing_since is None:
-                slot.executing_since = now
-            elif not running:
+            if slot.occupant is not None and slot.occupant.phase is Phase.RUNNING:
+                if slot.executing_since is None:
+                    slot.executing_since = now
+            else:
                 slot.executing_since = None
 
 

@@ -215,7 +215,9 @@ class Dispatcher:
         st = slot.station
         if status.state == State.IDLE and (previous is None or previous.state != State.IDLE):
             slot.idle_since = at
-        if previous is None or previous.state != status.state:
+        # (The hot path's journal writes are skipped whole with no store: their wall-clock
+        # times and texts cost more than the rest of the update.)
+        if self.journal.recording and (previous is None or previous.state != status.state):
             self.journal.station_event(
                 st.name,
                 "state",
@@ -237,7 +239,8 @@ class Dispatcher:
                     State.ABORTED,
                 ):
                     tok.phase = Phase.RUNNING
-                    self.journal.step_accepted(tok.unit.id, st.name, tok.attempt, self.wall(at))
+                    if self.journal.recording:
+                        self.journal.step_accepted(tok.unit.id, st.name, tok.attempt, self.wall(at))
                 if status.state == State.COMPLETE:
                     self._finished(tok, status, at)
                 elif status.state == State.ABORTED:
@@ -268,15 +271,16 @@ class Dispatcher:
             st.rejected += 1
         else:
             st.passed += 1
-        self.journal.step_finished(
-            unit.id,
-            st.name,
-            tok.attempt,
-            self.wall(at),
-            "reject" if rejected else "pass",
-            0,
-            status.cycle_time_ms / 1000 if status.cycle_time_ms else None,
-        )
+        if self.journal.recording:
+            self.journal.step_finished(
+                unit.id,
+                st.name,
+                tok.attempt,
+                self.wall(at),
+                "reject" if rejected else "pass",
+                0,
+                status.cycle_time_ms / 1000 if status.cycle_time_ms else None,
+            )
         if tok.discard or unit.status != "in_line":
             self._vacate(tok)
             self._drop(tok)
@@ -422,7 +426,8 @@ class Dispatcher:
         self.finish_times.append(at)
         self.lead_times.append(at - unit.released_at)
         self.lead_hist.observe(at - unit.released_at, unit.serial)
-        self.journal.unit_finished(unit.id, self.wall(at))
+        if self.journal.recording:
+            self.journal.unit_finished(unit.id, self.wall(at))
         self._unit_event("finished", unit, at)
         self.check_done()
 
@@ -665,7 +670,8 @@ class Dispatcher:
         self.units[uid] = unit
         self.released += 1
         self._last_release = now
-        self.journal.unit_released(uid, unit.serial, self.wall(now))
+        if self.journal.recording:
+            self.journal.unit_released(uid, unit.serial, self.wall(now))
         self._unit_event("released", unit, now)
         tok = Token(unit, self.flow.root.steps[0])
         unit.tokens.append(tok)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import random
 import zlib
 from collections import Counter
@@ -31,6 +32,9 @@ from linectl.contract import (
 )
 
 ChangeListener = Callable[["SimStation", int], None]
+
+_FIELDS_OF = operator.attrgetter(*SlotStatus.__slots__)  # a status's fields, as a tuple
+_FIELD_INDEX = {name: i for i, name in enumerate(SlotStatus.__slots__)}
 
 
 class ScriptedCycle(NamedTuple):
@@ -196,9 +200,10 @@ class SimStation:
         old = s.status
         # Positionally rather than dataclasses.replace: this runs for every change of a
         # virtual shift, and replace() introspects the fields each time.
-        new = SlotStatus(
-            *(changes.get(name, getattr(old, name)) for name in SlotStatus.__slots__)  # type: ignore[arg-type]
-        )
+        values = list(_FIELDS_OF(old))
+        for name, value in changes.items():
+            values[_FIELD_INDEX[name]] = value
+        new = SlotStatus(*values)  # type: ignore[arg-type]
         if new != old:
             s.status = new
             self.plc.changed(self, slot)
@@ -307,7 +312,6 @@ class SimPlc:
                     seq, code, unit = st.pending(slot)
                     if is_newer(seq, st.status(slot).ack_seq):
                         st.command(slot, seq, code, unit)
-
 
     def stop(self) -> None:
         for st in self.stations.values():

@@ -1,8 +1,10 @@
 """The supervisor's ordered record of what happened, written to the trace store if there is one.
 
-The dispatcher calls these methods from plain (non-async) code, and each write goes straight
-onto the store's queue (``put_nowait``), in call order: no task and no coroutine per write on
-the event loop's side. Two things wait for durability: a step's write-ahead intent (before its
+The dispatcher calls these methods from plain (non-async) code. Each write is made into its row
+at once (so a bad argument raises at the caller) and the rows of one turn of the event loop go
+onto the store's queue together, in call order, at the end of the turn or before anything waits
+for durability: no task and no coroutine per write, and one wake-up of the store's writer
+thread per turn. Two things wait for durability: a step's write-ahead intent (before its
 START) and a RESET (before the PLC forgets a unit's result). Everything waiting at the same
 moment shares one commit (the store's writer commits all it has queued at once).
 
@@ -12,12 +14,14 @@ throttled by the awaited intents, so the queue can only grow as fast as the stor
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any, Protocol
 
 
 class Store(Protocol):  # what the journal needs of linectl.store.TraceStore
-    def put_nowait(self, kind: str, *args: Any) -> None: ...
+    def row(self, kind: str, *args: Any) -> Any: ...
+    def put_rows(self, rows: list[Any]) -> None: ...
     async def next_unit_id(self) -> int: ...
     async def flush(self) -> None: ...
 
@@ -27,6 +31,8 @@ class Journal:
 
     def __init__(self, store: Any | None = None) -> None:
         self.store = store
+        self._rows: list[Any] = []  # made this turn, not yet on the store's queue
+        self._failed: Exception | None = None  # the store refused rows handed over at a turn's end
 
     @property
     def recording(self) -> bool:
@@ -37,13 +43,32 @@ class Journal:
         return await self.store.next_unit_id() if self.store is not None else 1
 
     def _put(self, kind: str, *args: Any) -> None:
-        if self.store is not None:
-            self.store.put_nowait(kind, *args)
+        if self.store is None:
+            return
+        if self._failed is not None:
+            raise self._failed
+        self._rows.append(self.store.row(kind, *args))
+        if len(self._rows) == 1:
+            asyncio.get_running_loop().call_soon(self._hand_over_later)
+
+    def _hand_over(self) -> None:
+        rows, self._rows = self._rows, []
+        self.store.put_rows(rows)
+
+    def _hand_over_later(self) -> None:
+        try:
+            self._hand_over()
+        except Exception as exc:  # the store failed: the next write or sync raises it
+            self._failed = exc
 
     async def sync(self) -> None:
         """Return once every write made so far is durable."""
-        if self.store is not None:
-            await self.store.flush()
+        if self.store is None:
+            return
+        if self._failed is not None:
+            raise self._failed
+        self._hand_over()
+        await self.store.flush()
 
     async def flush(self) -> None:
         """Wait until everything journalled so far is committed (the same as ``sync``)."""
@@ -68,7 +93,7 @@ class Journal:
         if self.store is None:
             return
         self._put("step_intended", unit_id, station, slot, attempt, seq, at, branch or None)
-        await self.store.flush()
+        await self.sync()
 
     def step_accepted(self, unit_id: int, station: str, attempt: int, at: datetime) -> None:
         self._put("step_accepted", unit_id, station, attempt, at)

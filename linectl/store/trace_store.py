@@ -113,7 +113,7 @@ class _Write:
         await store._submit(self.table, self.row(store, *args, **kwargs), durable=self.durable)
 
 
-_WRITES: dict[str, _Write] = {}  # by method name, for put_nowait
+_WRITES: dict[str, _Write] = {}  # by method name, for row()
 
 
 def _write(
@@ -311,9 +311,8 @@ class TraceStore:
         """The next batch: everything queued, once something in it is awaited or the first
         write has waited ``_LINGER_S`` (at most a full queue, and ``_MAX_BATCH``)."""
         most = min(_MAX_BATCH, self._queue_size)
-        item = self._queue.get()
-        items = [item]
-        urgent = item is _STOP or item[2] is not None
+        items = _items(self._queue.get())
+        urgent = any(item is _STOP or item[2] is not None for item in items)
         deadline = None
         # A call ends a batch: it runs once the writes before it are committed.
         while len(items) < most and (items[-1] is _STOP or items[-1][0] != _CALL):
@@ -330,8 +329,9 @@ class TraceStore:
                     item = self._queue.get(timeout=deadline - now)
                 except queue.Empty:
                     break
-            items.append(item)
-            urgent = urgent or item is _STOP or item[2] is not None
+            for one in _items(item):
+                items.append(one)
+                urgent = urgent or one is _STOP or one[2] is not None
         return items
 
     def _write_forever(self) -> None:
@@ -399,8 +399,7 @@ class TraceStore:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
-                lost.append(item)
+            lost.extend(one for one in _items(item) if one is not _STOP)
         if lost or not self._closed:
             log.error("%s; %d write(s) not recorded", error, len(lost))
         for _, _, future in lost:
@@ -414,20 +413,28 @@ class TraceStore:
     # ``_write`` makes it the async method that queues the row, waiting for room in a full
     # queue, and ``put_nowait`` queues the same row at once.
 
-    def put_nowait(self, kind: str, *args: Any) -> None:
-        """Queue the write ``kind`` (the name of a write method below, with its arguments) at
-        once, without waiting for room, in order with every other write.
+    def row(self, kind: str, *args: Any) -> tuple[str, Row]:
+        """The write ``kind`` (the name of a write method below, with its arguments) as
+        ``put_rows`` takes it; raises as that method would on arguments it refuses."""
+        write = _WRITES[kind]
+        return write.table, write.row(self, *args)
 
-        For the journal, which writes from plain code on the dispatcher's path: the queue may
-        pass ``queue_size`` between two commits, but every START waits for its durable intent,
-        which waits for the commit that takes the whole queue, so the line never runs more
-        than one batch ahead of the disk.
+    def put_rows(self, rows: list[tuple[str, Row]]) -> None:
+        """Queue ``rows`` (from ``row``) at once, in order with every other write, as one
+        item: the writer thread is woken once for them, not once per row.
+
+        For the journal, which writes from plain code on the dispatcher's path and hands its
+        rows over once per turn of the event loop. It does not wait for room: the queue may
+        pass ``queue_size`` between two commits, but every START waits for its durable
+        intent, which waits for the commit that takes the whole queue, so the line never runs
+        more than one batch ahead of the disk.
         """
         self._check_writable()
-        write = _WRITES[kind]
-        self._queue.put((write.table, write.row(self, *args), None))
-        self._put += 1
-        self._writes_queued += 1
+        if not rows:
+            return
+        self._queue.put(rows)
+        self._put += len(rows)
+        self._writes_queued += len(rows)
 
     @_write("unit_released")
     def unit_released(self, unit_id: int, serial: str, at: datetime) -> Row:
@@ -694,6 +701,13 @@ class TraceStore:
             last_commit_latency_s=self._last_latency,
             failed=self._failure is not None,
         )
+
+
+def _items(item: Any) -> list[Any]:
+    """The queue items in what the queue held: one, or a list of rows from ``put_rows``."""
+    if isinstance(item, list):
+        return [(table, params, None) for table, params in item]
+    return [item]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:

@@ -110,6 +110,9 @@ class Slot:
         return seq
 
     def seen(self, status: SlotStatus) -> None:
+        aborted = status.state == State.ABORTED
+        if aborted != (self.status is not None and self.status.state == State.ABORTED):
+            self.station.aborted += 1 if aborted else -1
         self.status = status
         if status.ack_seq and not is_newer(self.next_seq, status.ack_seq):
             self.next_seq = status.ack_seq + 1 if status.ack_seq < 0xFFFF_FFFF else 1
@@ -130,6 +133,7 @@ class StationState:
     connected: bool = False
     in_service: bool = True
     violation: str = ""
+    aborted: int = 0  # slots the PLC shows Aborted (kept by ``Slot.seen``)
     consecutive_faults: int = 0
     ewma_cycle_s: float = 0.0
     condition: Condition = Condition.DISCONNECTED
@@ -149,12 +153,7 @@ class StationState:
 
     @property
     def faulted(self) -> bool:
-        if self.violation:
-            return True
-        for s in self.slots:
-            if s.status is not None and s.status.state == State.ABORTED:
-                return True
-        return False
+        return self.aborted > 0 or bool(self.violation)
 
     @property
     def available(self) -> bool:

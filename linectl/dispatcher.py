@@ -138,6 +138,7 @@ class Dispatcher:
         self._change = asyncio.Event()  # set on every change, for whoever waits for one
         self._last_release = -float("inf")
         self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = 0.0  # line time of ``_wake``
         # Per dispatch pass and number of moves made in it, what routes look like; a route's
         # branches are looked at once per state, not once per waiting token.
         self._pass = 0
@@ -506,6 +507,10 @@ class Dispatcher:
         """Dispatch passes so far: the service watchdog pings only while they go on."""
         return self._pass
 
+    def _woken(self) -> None:
+        self._wake = None
+        self.kick()
+
     def kick(self) -> None:
         """Ask for a dispatch pass (also the service watchdog's probe of the dispatch loop).
         Passes asked for in one turn of the event loop are one pass, in the next turn."""
@@ -523,7 +528,7 @@ class Dispatcher:
         self._pass += 1
         self._views.clear()
         self._blocked.clear()
-        for slot in list(self._owed):
+        for slot in list(self._owed) if self._owed else ():
             if slot.busy or not slot.station.connected:
                 continue
             if now >= slot.reset_at:
@@ -532,7 +537,7 @@ class Dispatcher:
                 self.commands.send_reset(slot, slot.take_seq())
             else:
                 next_wake = min(next_wake, slot.reset_at)
-        for slot in list(self._held):
+        for slot in list(self._held) if self._held else ():
             if now >= slot.held_until:
                 slot.held_until = 0.0
                 del self._held[slot]
@@ -548,11 +553,13 @@ class Dispatcher:
         interval = self.line.release.interval_s
         if interval and not self.paused and self._release_left():
             next_wake = min(next_wake, self._last_release + interval)
-        if self._wake is not None:
+        if self._wake is not None and self._wake_at != next_wake:
             self._wake.cancel()
             self._wake = None
-        if next_wake < float("inf"):
-            self._wake = self.clock.call_at(next_wake, self.kick)
+        if self._wake is None and next_wake < float("inf"):
+            # (Most passes ask for the wake-up the pass before asked for: it stays.)
+            self._wake = self.clock.call_at(next_wake, self._woken)
+            self._wake_at = next_wake
         self._publish(now)
         if self.on_event is not None:
             self.on_event()

@@ -55,5 +55,7 @@ class Waiting:
 
     def queues(self) -> list[list[Token]]:
         """Every queue as a list, oldest first, the queues in the order of their oldest."""
+        if len(self._queues) < 2:
+            return [list(q) for q in self._queues.values()]
         ordered = sorted(self._queues.values(), key=lambda q: self._arrival[next(iter(q))])
         return [list(q) for q in ordered]

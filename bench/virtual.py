@@ -1,6 +1,6 @@
 """Virtual-time benchmark: what a simulation costs (issue 12's figures).
 
-    .venv/bin/python bench/virtual.py [--profile]
+    .venv/bin/python bench/virtual.py [--quick] [--profile]
 
 Each row runs ``linectl.simulate`` exactly as ``linectl simulate`` does (the real supervisor,
 in-process PLCs, a virtual-time loop, no trace store unless the row says so) and prints the
@@ -10,9 +10,10 @@ wall time and this process's CPU time, with the targets of issue 12:
 - an 8-hour shift of config/demo.yaml with its spread, rejects and faults: under 1 s;
 - 30 replications of that shift: under 10 s.
 
-``--profile`` adds the 15 functions with the most own time in one demo shift, and where the
-time goes by module. CPU time is the honest figure on a shared machine: wall time includes
-whatever else the machine runs (the load average is printed).
+``--quick`` leaves out the 30 replications (most of the run's time). ``--profile`` adds the 15
+functions with the most own time in one demo shift, and where the time goes by module. CPU
+time is the honest figure on a shared machine: wall time includes whatever else the machine
+runs (the load average is printed).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def sim(config: str, plan: Plan) -> Callable[[], list[Simulation]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="without the 30 replications")
     parser.add_argument("--profile", action="store_true", help="profile one demo shift")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -67,6 +69,8 @@ def main() -> None:
             10.0,
         ),
     ]
+    if args.quick:
+        rows = [row for row in rows if row[2].replications == 1]
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cores")
     print(f"{'run':58s} {'wall s':>8s} {'CPU s':>8s} {'target':>8s}  figures")
     for label, config, plan, target in rows:

@@ -5,8 +5,9 @@ else subscribe. Publishing never blocks and never fails: each subscriber has a b
 that drops its oldest event when full, counts what it dropped and says so once per episode,
 so a slow broker or a stalled browser can never slow a handover.
 
-Station events are coalesced per dispatch pass (one per station that changed), unit events are
-one per transition, and a ``LineChanged`` follows any pass that changed the line's counts.
+Station events are coalesced per dispatch pass (one per station whose picture changed: one that
+would repeat the station's last event but for its time is not published), unit events are one
+per transition, and a ``LineChanged`` follows any pass that changed the line's counts.
 """
 
 from __future__ import annotations

@@ -114,6 +114,8 @@ class Slot:
         if aborted != (self.status is not None and self.status.state == State.ABORTED):
             self.station.aborted += 1 if aborted else -1
         self.status = status
+        if self.index == 0:  # a station's state is its first slot's, however it was learnt
+            self.station.last_state = status.state
         if status.ack_seq and not is_newer(self.next_seq, status.ack_seq):
             self.next_seq = status.ack_seq + 1 if status.ack_seq < 0xFFFF_FFFF else 1
 
@@ -145,7 +147,7 @@ class StationState:
     passed: int = 0
     rejected: int = 0
     faults: int = 0
-    last_state: State = State.UNDEFINED
+    last_state: State = State.UNDEFINED  # slot 0's, kept by ``Slot.seen``
 
     def __post_init__(self) -> None:
         self.slots = [Slot(self, i) for i in range(self.config.capacity)]

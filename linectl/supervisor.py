@@ -20,7 +20,7 @@ from typing import Any
 
 from linectl.clock import Clock
 from linectl.config import Line
-from linectl.contract import Command, SlotStatus, State, is_newer
+from linectl.contract import Command, SlotStatus, is_newer
 from linectl.dispatcher import Dispatcher
 from linectl.drivers import make_driver
 from linectl.drivers.base import (
@@ -168,7 +168,6 @@ class Supervisor:
             # are back in the contract, so any update means the station is trustworthy again.
             st.violation = ""
             d.slot_changed(slot, event.status, at)
-            st.last_state = st.slots[0].status.state if st.slots[0].status else State.UNDEFINED
         elif isinstance(event, ConnectionChange):
             for st in d.stations.values():
                 if st.plc == event.plc:

@@ -14,6 +14,7 @@ from linectl.config import load_config, parse_config
 from linectl.contract import State
 from tests.helpers import eventually
 from tests.linefixtures import (
+    SMALL,
     run_to_completion,
     run_virtual,
     running_line,
@@ -316,3 +317,20 @@ def test_a_release_interval_spaces_units_entering_the_line():
     )
     times = run_virtual(line).stats.finish_times
     assert times == pytest.approx((1.0, 6.0, 11.0, 16.0, 21.0, 26.0), abs=1e-9)
+
+
+async def test_a_stations_reported_state_is_the_plcs_even_when_a_command_echo_showed_it_first():
+    """A RESET's echo shows Idle before the next poll does, and that poll's repeat is not
+    reported again: statistics() must still say Idle, as the events and the PLC do."""
+    line = SMALL.replace("line: small", "line: small\nrelease: {count: 2}")
+    async with running_line(line) as run:
+        await run.wait_finished(2)
+
+        def states() -> dict[str, str]:
+            return {n: st.state.label for n, st in run.sup.statistics().stations.items()}
+
+        def plc() -> dict[str, str]:
+            return {n: run.sim.station(n).status(0).state.label for n in run.sup.stations}
+
+        await eventually(lambda: set(plc().values()) == {"Idle"}, what="the PLCs idle")
+        await eventually(lambda: states() == plc(), what=f"statistics {states()} as the PLC")

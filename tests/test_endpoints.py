@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -253,9 +254,25 @@ async def test_a_body_not_complete_in_time_is_a_408(server):
     assert status == 408 and b"body not received within 0.5 s" in body
 
 
-async def test_300_slow_connections_neither_starve_a_request_nor_flood_the_log(server, caplog):
+@pytest.fixture
+async def patient_server():
+    """The test endpoint's limits, but a header deadline no idle connection reaches while 300
+    of them are opened on a loaded machine: only eviction closes them."""
+    async def text(_request: web.Request) -> web.Response:
+        return web.Response(text="plain\n")
+
+    app = make_app(dataclasses.replace(LIMITS, header_timeout_s=30))
+    app.router.add_get("/text", text)
+    async with Endpoint(app, "127.0.0.1", 0, name="test") as srv:
+        yield srv
+
+
+async def test_300_slow_connections_neither_starve_a_request_nor_flood_the_log(
+    patient_server, caplog
+):
     """Idle connections beyond the limit close the oldest idle ones: a real request still gets
     its answer, the log says so once, and the counters have the rest."""
+    server = patient_server
     caplog.set_level(logging.INFO)
     idle = []
     try:

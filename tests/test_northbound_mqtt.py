@@ -157,11 +157,13 @@ async def test_broker_restart_loses_nothing_and_births_again(tmp_path):
         line, prefix, group = line_config(tmp_path, port=broker.port, count=30, backoff=0.3)
         rec = Recorder()
         topics, me = [f"{prefix}/#", f"spBv1.0/{group}/#"], unique("rec")
-        async with running_line(line) as run, contextlib.AsyncExitStack() as first:
-            # Listening before the first connect: the first births are not retained.
+        async with contextlib.AsyncExitStack() as first:
+            # Listening before the first connect (the first births are not retained), and the
+            # northbound subscribed to the line's events before its first release.
             await first.enter_async_context(
                 rec.listening(topics, broker.port, identifier=me, clean=False)
             )
+            run = await first.enter_async_context(running_line(line))
             nb = await first.enter_async_context(northbound(run.sup, run.sup.line))
             uns = next(link for link in nb.links if link.publisher.name == "uns")
             await eventually(lambda: run.sup.released >= 3, what="units released")

@@ -125,17 +125,18 @@ def _load_identity(
 
 # --- failures --------------------------------------------------------------------------------
 
+# Templates: {peer} is who refused (the PLC, the broker).
 _REFUSED_BY_PEER = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the PLC requires a client certificate",
-    "TLSV1_ALERT_UNKNOWN_CA": "the PLC does not trust the CA that issued our certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the PLC refused our certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the PLC refused our certificate",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the PLC says our certificate has expired",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the PLC refused the handshake (no client certificate, "
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "{peer} requires a client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "{peer} does not trust the CA that issued our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "{peer} refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "{peer} refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "{peer} says our certificate has expired",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "{peer} refused the handshake (no client certificate, "
     "or no cipher in common)",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "no TLS version in common with the PLC",
-    "UNSUPPORTED_PROTOCOL": "no TLS version in common with the PLC",
-    "TLSV1_ALERT_ACCESS_DENIED": "the PLC denied access to our certificate",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "no TLS version in common with {peer}",
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common with {peer}",
+    "TLSV1_ALERT_ACCESS_DENIED": "{peer} denied access to our certificate",
 }
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
 
@@ -167,7 +168,7 @@ def describe_tls_error(
     if isinstance(exc, ssl.SSLError):
         reason = _ssl_reason(exc)
         if exc.reason in _REFUSED_BY_PEER:
-            refusal = _REFUSED_BY_PEER[exc.reason].replace("the PLC", peer)
+            refusal = _REFUSED_BY_PEER[exc.reason].format(peer=peer)
             return f"{refusal} ({reason})"
         if exc.reason in _NOT_TLS:
             return f"{peer} does not answer in TLS: {plaintext}? ({reason})"

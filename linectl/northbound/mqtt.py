@@ -19,7 +19,6 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,14 +270,12 @@ class MqttLink:
         publisher: Publisher,
         client_id: str,
         password: str | None,
-        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.publisher = publisher
         self.outbox = publisher.outbox
         self.client_id = client_id
         self.password = password
-        self.on_change = on_change
         self.connected = False
         self.connects = 0
         self.connect_failures = 0
@@ -360,7 +357,6 @@ class MqttLink:
             self.outbox.go_online()
             for message in self.publisher.snapshot():
                 self.outbox.put(message)
-            self.on_change()
             await self._pump(conn)
         finally:
             self._conn = None
@@ -411,7 +407,6 @@ class MqttLink:
         self.connect_failures += 1
         if self._down_since is None:
             self._down_since = time.monotonic()
-        self.on_change()
         reason = _reason(exc, self.cfg)
         if reason != self._reported:
             self._reported = reason

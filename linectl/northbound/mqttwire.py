@@ -133,7 +133,6 @@ class MqttConnection(asyncio.Protocol):
         self._next_id = 0
         self._connack: asyncio.Future[int] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[int]] = {}
-        self._closed = self._loop.create_future()
         self._ping_handle: asyncio.TimerHandle | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._ping_sent: float | None = None
@@ -254,9 +253,6 @@ class MqttConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         self._lose(MqttError("closed by us"))
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed)
 
     def _check(self) -> None:
         if self.lost is not None:
@@ -422,9 +418,8 @@ class MqttConnection(asyncio.Protocol):
         for future in self._subacks.values():
             if not future.done():
                 future.set_exception(exc)
-        for future in (self._closed, self._settled):
-            if future is not None and not future.done():
-                future.set_result(None)
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
         self.on_activity()
 
 

@@ -202,12 +202,6 @@ class Outbox:
             self._memory.popleft()
             self._sending = max(0, self._sending - 1)
 
-    async def wait(self) -> None:
-        """Until there is something to send, or ``wake()`` was called."""
-        if not len(self):
-            self._ready.clear()
-            await self._ready.wait()
-
     async def changed(self) -> None:
         """Until the next ``put`` or ``wake()`` (a sender's own check came just before)."""
         self._ready.clear()

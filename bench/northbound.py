@@ -343,10 +343,21 @@ def cpu_rows(seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer units, shorter window")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=aio.SWITCH_INTERVAL_S,
+        help="the interpreter's thread switch interval linectl sets, in seconds (Python's "
+        "default is 0.005): how long the line's loop may wait for the OPC UA server's thread",
+    )
+    parser.add_argument("--latency-only", action="store_true", help="skip the CPU rows")
     args = parser.parse_args()
+    aio.SWITCH_INTERVAL_S = args.switch_interval
     quiet()
+    print(f"thread switch interval {args.switch_interval * 1000:g} ms")
     latency_rows(60 if args.quick else 200)
-    cpu_rows(5 if args.quick else 15)
+    if not args.latency_only:
+        cpu_rows(5 if args.quick else 15)
 
 
 if __name__ == "__main__":

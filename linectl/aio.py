@@ -7,8 +7,7 @@ forces the standard loop, to compare the two or to rule uvloop out when chasing 
 It also sets the interpreter's thread switch interval (``SWITCH_INTERVAL_S``): linectl's own
 threads (the trace store's writer, the northbound OPC UA server) run Python beside the line's
 loop, and while one holds the GIL the loop waits for it up to that interval, 5 ms by default:
-a whole handover. At 0.5 ms the northbound OPC UA server no longer shows in the handover
-figure (docs/northbound.md).
+a whole handover. ``bench/northbound.py --switch-interval`` compares (docs/northbound.md).
 """
 
 from __future__ import annotations

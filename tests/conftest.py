@@ -9,6 +9,9 @@ import time
 
 import pytest
 
+# Fixtures shared by test modules: the TLS certificates (tests/pki.py).
+pytest_plugins = ["tests.pki"]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

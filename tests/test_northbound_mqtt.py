@@ -24,7 +24,6 @@ from linectl.northbound.sparkplug import REBIRTH, decode, payload, value_of
 from tests.helpers import eventually
 from tests.linefixtures import running_line
 from tests.mosquitto import Recorder, private_broker, unique
-from tests.test_modbus_tls import pki  # noqa: F401  (the certificates fixture)
 
 LINE = """\
 line: {name}
@@ -295,7 +294,7 @@ async def run_over_tls(tmp_path: Path, broker, ca: Path, *, good: bool) -> Recor
     return rec
 
 
-async def test_tls_to_the_broker_verifies_its_certificate(tmp_path, caplog, pki):  # noqa: F811
+async def test_tls_to_the_broker_verifies_its_certificate(tmp_path, caplog, pki):
     """Over TLS with the CA that issued the broker's certificate, the line arrives; with a CA
     that did not, one line naming northbound.mqtt.tls, and the line runs on."""
     caplog.set_level(logging.INFO, logger="linectl.northbound")
